@@ -1,0 +1,69 @@
+"""Causal grouped-query attention with packed-document masking; one seam, several backends.
+
+Backends: 'xla' (reference, any platform), 'cudnn' (flash attention through
+``jax.nn.dot_product_attention``, GPU only), 'auto' (cudnn on GPU, xla elsewhere). A TPU splash
+attention kernel plugs in here as another backend.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "xla", "cudnn")
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; expected one of {BACKENDS}.")
+    if backend == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return backend
+
+
+def causal_attention(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    *,
+    segment_ids_BT: jax.Array | None = None,
+    backend: str = "auto",
+) -> jax.Array:
+    """softmax(q kᵀ / sqrt(H)) v over causal, same-document keys; returns [B, T, N, H] q's dtype.
+
+    Query head n reads kv head n // (N // K). Softmax statistics are float32. With
+    ``segment_ids_BT`` a token attends only to earlier tokens of its own document; padding rows
+    (id 0) attend to themselves only, so they stay finite.
+    """
+    backend = resolve_backend(backend)
+    mask = None
+    if segment_ids_BT is not None:
+        same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        mask = same_BTS[:, None]
+    if backend == "cudnn":
+        return jax.nn.dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=True, implementation="cudnn"
+        )
+    return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask)
+
+
+def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+    ) * (H**-0.5)
+    allowed_TS = jnp.tril(jnp.ones((T, S), bool), k=S - T)
+    allowed = allowed_TS[None, None, None]
+    if mask_B1TS is not None:
+        allowed = allowed & mask_B1TS[:, :, None]
+    logits_BKGTS = jnp.where(allowed, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+    out_BTKGH = jnp.einsum(
+        "bkgts,bskh->btkgh",
+        probs_BKGTS.astype(v_BSKH.dtype),
+        v_BSKH,
+        preferred_element_type=jnp.float32,
+    )
+    return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
