@@ -545,3 +545,36 @@ def to_hf(model: Qwen3Next, path: str, *, dtype=None, max_shard_bytes: int = 5 *
         weight_map.update({n: fname for n in names})
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# ------------------------------------------------------------------------------ command line
+def main(argv=None) -> int:
+    """``python -m qwen3next_jax.hf --hf_dir=DIR --workdir=OUT [--dtype=float32]``.
+
+    Writes OUT/checkpoints/0 (params only) and OUT/model_config.json; train with
+    ``--config.init_from=OUT`` and model fields matching model_config.json.
+    """
+    import argparse
+
+    from qwen3next_jax.training.checkpointing import save_params
+
+    ap = argparse.ArgumentParser(prog="python -m qwen3next_jax.hf", description=main.__doc__)
+    ap.add_argument("--hf_dir", required=True, help="HF folder: config.json + *.safetensors")
+    ap.add_argument("--workdir", required=True, help="output folder for the Orbax checkpoint")
+    ap.add_argument("--dtype", default="float32", help="parameter dtype (float32 or bfloat16)")
+    args = ap.parse_args(argv)
+    try:
+        model = from_hf(args.hf_dir, jnp.dtype(args.dtype))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
+        return 1
+    os.makedirs(args.workdir, exist_ok=True)
+    save_params(os.path.join(args.workdir, "checkpoints"), nnx.state(model, nnx.Param))
+    with open(os.path.join(args.workdir, "model_config.json"), "w") as f:
+        json.dump(model.cfg.to_dict(), f, indent=2)
+    print(f"wrote {args.workdir}/checkpoints/0 and model_config.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

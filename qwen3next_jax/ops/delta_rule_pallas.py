@@ -1,0 +1,703 @@
+"""Pallas (Triton backend) kernels for the chunked gated delta rule on GPU.
+
+Same contract as `delta_rule.chunk_gated_delta_rule`; reached through
+`delta_rule.gated_delta_rule(..., backend="pallas" | "pallas_interpret")`. The pipeline mirrors
+spec §4.4 with T padded to N chunks of C tokens (gamma = chunk-local cumsum of g):
+
+forward   _intra_kernel      grid (B, H, N)     W, U = (I + A)^-1 (beta k e^gamma, beta v)
+          _state_fwd_kernel  grid (B, HV, V/BV) sequential over chunks: chunk-start states,
+                                                v_new = U - W S, final state
+          _output_kernel     grid (B, HV, N, V/BV)  o = scale (q e^gamma S + (q k^T . L) v_new)
+backward  _intra_kernel again (W, U recomputed: only inputs and chunk-start states are saved)
+          _dv_local_kernel   grid (B, HV, N, V/BV)  v_new again, dv_local = (q k^T . L)^T do
+          _state_bwd_kernel  grid (B, HV, V/BV) reverse over chunks: dS at every chunk end,
+                                                dv_new, d initial_state
+          _dqk_kernel        grid (B, H, N)     dq, dk and dgamma through the read-out and S
+          _wy_bwd_kernel     grid (B, H, N)     dk, dv, dbeta, dgamma through (I + A)^-1
+
+Key heads: kernels on a value-head grid read key head j // R through their index maps; kernels
+on a key-head grid loop over the R value heads of the group, so q/k are never repeated. The
+triangular inverse is done on 16-row sub-blocks: forward substitution inside each diagonal block,
+then block forward substitution with small fp32 products (P9). Storage of intermediates (W, U,
+v_new, chunk states) and the operands of the large products use v's dtype when it is 16-bit
+(as fla does), else float32 at Precision.HIGHEST; accumulators and the carried state are fp32.
+Segment boundaries work as in the pure-JAX core (chunk-local segment counters mask the decay).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from qwen3next_jax.ops import delta_rule as dr
+
+_F32 = jnp.float32
+_SUB = 16  # rows of a sub-block of the triangular inverse (smallest Triton dot)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+    """Static configuration shared by the kernels of one call."""
+
+    B: int
+    Tp: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    C: int
+    scale: float
+    store: str  # dtype name of stored intermediates and product operands
+    interpret: bool
+    # Launch tuning: V block of the sequential (bv_seq) and parallel (bv_par) value-head
+    # kernels, warps of the sequential / parallel / key-head-group kernels, pipeline stages of
+    # the sequential loops.
+    bv_seq: int = 64
+    bv_par: int = 64
+    warps_seq: int = 4
+    warps_par: int = 4
+    warps_group: int = 8
+    stages_seq: int = 2
+
+    @property
+    def R(self):
+        return self.HV // self.H
+
+    @property
+    def N(self):
+        return self.Tp // self.C
+
+    @property
+    def BV(self):
+        return min(self.V, self.bv_par)
+
+    @property
+    def BVS(self):
+        return min(self.V, self.bv_seq)
+
+    @property
+    def sub(self):
+        return min(_SUB, self.C)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.store)
+
+
+# --------------------------------------------------------------------------------------------
+# In-kernel helpers (operate on loaded values)
+# --------------------------------------------------------------------------------------------
+
+
+def _mm(a, b, dtype, *, ta=False, tb=False):
+    """a @ b (optionally transposed operands) with fp32 accumulation.
+
+    Operands are cast to dtype: 16-bit runs on tensor cores, float32 runs at HIGHEST (IEEE).
+    """
+    prec = jax.lax.Precision.HIGHEST if dtype == _F32 else jax.lax.Precision.DEFAULT
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return jax.lax.dot_general(
+        a.astype(dtype), b.astype(dtype), dims, precision=prec, preferred_element_type=_F32
+    )
+
+
+def _iota(shape, dim):
+    return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _last(x_C):
+    """x[-1] of a vector, as a masked sum (Triton values cannot be indexed)."""
+    return jnp.sum(jnp.where(_iota(x_C.shape, 0) == x_C.shape[0] - 1, x_C, 0.0))
+
+
+def _masked_exp(mask, x):
+    """exp(x) where mask else 0, never exponentiating a masked entry (no inf, no NaN grads)."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def _chunk_gates(gamma_C, seg_C):
+    """Per-chunk gate factors.
+
+    Returns L_CC (decay e^(gamma_r - gamma_s) on same-document pairs s <= r), gexp_C (e^gamma on
+    the chunk's first document, where the carried-in state reaches), kdec_C (e^(gamma_last -
+    gamma) on the last document, what survives to the chunk end) and passes (e^gamma_last if
+    the carried-in state survives the chunk, else 0).
+    """
+    C = gamma_C.shape[0]
+    mask = (seg_C[:, None] == seg_C[None, :]) & (_iota((C, C), 0) >= _iota((C, C), 1))
+    L_CC = _masked_exp(mask, gamma_C[:, None] - gamma_C[None, :])
+    gexp_C = _masked_exp(seg_C == 0, gamma_C)
+    seg_last = jnp.max(seg_C)
+    gamma_last = _last(gamma_C)
+    kdec_C = _masked_exp(seg_C == seg_last, gamma_last - gamma_C)
+    passes = jnp.where(seg_last == 0, jnp.exp(gamma_last), 0.0)
+    return L_CC, gexp_C, kdec_C, passes
+
+
+def _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dtype):
+    """Sub-blocked A = strict-lower(beta_r (k_r . k_s) L_rs) and its unit-lower inverse.
+
+    kk: dict (i, j) -> k_i k_j^T (i >= j), shared by the value heads of a key head.
+    Returns dicts over i >= j of L blocks (the decay mask of A), A blocks and Tinv = (I + A)^-1
+    blocks, all fp32.
+    """
+    del k_blocks, dtype
+    nb = len(g_blocks)
+    n = g_blocks[0].shape[0]
+    rows, cols = _iota((n, n), 0), _iota((n, n), 1)
+    L, A = {}, {}
+    for i in range(nb):
+        for j in range(i + 1):
+            mask = s_blocks[i][:, None] == s_blocks[j][None, :]
+            if i == j:
+                mask = mask & (rows > cols)
+            L[i, j] = _masked_exp(mask, g_blocks[i][:, None] - g_blocks[j][None, :])
+            A[i, j] = b_blocks[i][:, None] * kk[i, j] * L[i, j]
+    Ti = {}
+    for i in range(nb):
+        # Forward substitution, row by row: row r of (Tinv - I) = a_r + a_r @ (Tinv - I), with
+        # a_r = -A[r, :r]; rows above r are final, rows below still hold -A and are not read.
+        neg = -A[i, i]
+        x = neg
+        for r in range(2, n):
+            a_r = jnp.sum(jnp.where(rows == r, neg, 0.0), axis=0)
+            a_r = a_r + jnp.sum(a_r[:, None] * x, axis=0)
+            x = jnp.where(rows == r, a_r[None, :], x)
+        Ti[i, i] = x + (rows == cols).astype(_F32)
+    for i in range(nb):
+        for j in range(i - 1, -1, -1):
+            acc = _mm(A[i, j], Ti[j, j], _F32)
+            for m in range(j + 1, i):
+                acc = acc + _mm(A[i, m], Ti[m, j], _F32)
+            Ti[i, j] = -_mm(Ti[i, i], acc, _F32)
+    return L, A, Ti
+
+
+def _kk_blocks(k_blocks, dtype):
+    return {
+        (i, j): _mm(k_blocks[i], k_blocks[j], dtype, tb=True)
+        for i in range(len(k_blocks))
+        for j in range(i + 1)
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *, cfg):
+    """One chunk of one key head: W, U for its R value heads (refs [C,K], [C,R,V], [R,C])."""
+    n, nb, dt = cfg.sub, cfg.C // cfg.sub, cfg.dtype
+    blk = lambda i: pl.ds(i * n, n)
+    k_blocks = [k_ref[blk(i), :] for i in range(nb)]
+    s_blocks = [s_ref[blk(i)] for i in range(nb)]
+    kk = _kk_blocks(k_blocks, dt)
+    for r in range(cfg.R):
+        g_blocks = [g_ref[r, blk(i)] for i in range(nb)]
+        b_blocks = [b_ref[r, blk(i)] for i in range(nb)]
+        _, _, Ti = _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dt)
+        vb = [b_blocks[i][:, None] * v_ref[blk(i), r, :].astype(_F32) for i in range(nb)]
+        kbg = [
+            (b_blocks[i] * _masked_exp(s_blocks[i] == 0, g_blocks[i]))[:, None]
+            * k_blocks[i].astype(_F32)
+            for i in range(nb)
+        ]
+        for i in range(nb):
+            u = sum(_mm(Ti[i, j], vb[j], dt) for j in range(i + 1))
+            w = sum(_mm(Ti[i, j], kbg[j], dt) for j in range(i + 1))
+            u_ref[blk(i), r, :] = u.astype(u_ref.dtype)
+            w_ref[blk(i), r, :] = w.astype(w_ref.dtype)
+
+
+def _state_fwd_kernel(
+    w_ref, u_ref, k_ref, g_ref, s_ref, s0_ref, states_ref, vn_ref, final_ref, *, cfg
+):
+    """Sequential pass for one value head and one V block (refs span the whole sequence)."""
+    C, K, dt = cfg.C, cfg.K, cfg.dtype
+
+    def body(n, S_KV):
+        rows = pl.ds(pl.multiple_of(n * C, C), C)
+        states_ref[pl.ds(pl.multiple_of(n * K, K), K), :] = S_KV.astype(states_ref.dtype)
+        _, _, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
+        vn_CV = u_ref[rows, :].astype(_F32) - _mm(w_ref[rows, :], S_KV, dt)
+        vn_ref[rows, :] = vn_CV.astype(vn_ref.dtype)
+        kd_CK = k_ref[rows, :].astype(_F32) * kdec_C[:, None]
+        return passes * S_KV + _mm(kd_CK, vn_CV, dt, ta=True)
+
+    final_ref[...] = jax.lax.fori_loop(0, cfg.N, body, s0_ref[...].astype(_F32))
+
+
+def _output_kernel(q_ref, k_ref, st_ref, vn_ref, g_ref, s_ref, o_ref, *, cfg):
+    dt = cfg.dtype
+    q_CK = q_ref[...]
+    L_CC, gexp_C, _, _ = _chunk_gates(g_ref[...], s_ref[...])
+    aqk_CC = _mm(q_CK, k_ref[...], dt, tb=True) * L_CC
+    o_CV = gexp_C[:, None] * _mm(q_CK, st_ref[...], dt) + _mm(aqk_CC, vn_ref[...], dt)
+    o_ref[...] = (cfg.scale * o_CV).astype(o_ref.dtype)
+
+
+def _dv_local_kernel(
+    q_ref, k_ref, w_ref, u_ref, st_ref, g_ref, s_ref, do_ref, vn_ref, dvl_ref, *, cfg
+):
+    dt = cfg.dtype
+    vn_CV = u_ref[...].astype(_F32) - _mm(w_ref[...], st_ref[...], dt)
+    vn_ref[...] = vn_CV.astype(vn_ref.dtype)
+    L_CC, _, _, _ = _chunk_gates(g_ref[...], s_ref[...])
+    aqk_CC = _mm(q_ref[...], k_ref[...], dt, tb=True) * L_CC
+    dvl_ref[...] = cfg.scale * _mm(aqk_CC, do_ref[...], dt, ta=True)
+
+
+def _state_bwd_kernel(
+    q_ref, k_ref, w_ref, g_ref, s_ref, do_ref, dvl_ref, dfin_ref, dst_ref, dvn_ref, ds0_ref, *, cfg
+):
+    """Reverse pass for one value head and one V block: dS_KV is d(state after chunk n)."""
+    C, K, N, dt = cfg.C, cfg.K, cfg.N, cfg.dtype
+
+    def body(i, dS_KV):
+        n = N - 1 - i
+        rows = pl.ds(pl.multiple_of(n * C, C), C)
+        dst_ref[pl.ds(pl.multiple_of(n * K, K), K), :] = dS_KV.astype(dst_ref.dtype)
+        _, gexp_C, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
+        kd_CK = k_ref[rows, :].astype(_F32) * kdec_C[:, None]
+        dvn_CV = dvl_ref[rows, :] + _mm(kd_CK, dS_KV, dt)
+        dvn_ref[rows, :] = dvn_CV
+        qd_CK = q_ref[rows, :].astype(_F32) * (cfg.scale * gexp_C)[:, None]
+        return (
+            passes * dS_KV
+            + _mm(qd_CK, do_ref[rows, :], dt, ta=True)
+            - _mm(w_ref[rows, :], dvn_CV, dt, ta=True)
+        )
+
+    ds0_ref[...] = jax.lax.fori_loop(0, N, body, dfin_ref[...].astype(_F32))
+
+
+def _dqk_kernel(
+    q_ref, k_ref, g_ref, s_ref, st_ref, dst_ref, vn_ref, do_ref, dq_ref, dk_ref, dg_ref, *, cfg
+):
+    """Gradients through the read-out and the chunk-end state, for one key head's group."""
+    C, dt, scale = cfg.C, cfg.dtype, cfg.scale
+    q_CK, k_CK = q_ref[...], k_ref[...]
+    q32, k32 = q_CK.astype(_F32), k_CK.astype(_F32)
+    seg_C = s_ref[...]
+    qk_CC = _mm(q_CK, k_CK, dt, tb=True)
+    dq_CK = jnp.zeros((C, cfg.K), _F32)
+    dk_CK = jnp.zeros((C, cfg.K), _F32)
+    at_last = _iota((C,), 0) == C - 1
+    for r in range(cfg.R):
+        gamma_C = g_ref[r, :]
+        L_CC, gexp_C, kdec_C, passes = _chunk_gates(gamma_C, seg_C)
+        S_KV, dS_KV = st_ref[r, :, :], dst_ref[r, :, :]
+        vn_CV, do_CV = vn_ref[:, r, :], do_ref[:, r, :]
+        dos_CK = _mm(do_CV, S_KV, dt, tb=True)
+        dov_CC = _mm(do_CV, vn_CV, dt, tb=True)
+        dqk_CC = scale * dov_CC * L_CC  # cotangent of the entries of q k^T
+        vds_CK = _mm(vn_CV, dS_KV, dt, tb=True)
+        dq_CK = dq_CK + (scale * gexp_C)[:, None] * dos_CK + _mm(dqk_CC, k_CK, dt)
+        dk_CK = dk_CK + _mm(dqk_CC, q_CK, dt, ta=True) + kdec_C[:, None] * vds_CK
+        # gamma enters through L (row +, column -), the read-out of S, and the decays to the
+        # chunk end (kdec: -gamma_r, +gamma_last; passes: +gamma_last).
+        P_CC = dqk_CC * qk_CC
+        t_C = kdec_C * jnp.sum(k32 * vds_CK, axis=1)
+        d_last = jnp.sum(t_C) + passes * jnp.sum(S_KV.astype(_F32) * dS_KV.astype(_F32))
+        dg_C = (
+            jnp.sum(P_CC, axis=1)
+            - jnp.sum(P_CC, axis=0)
+            + scale * gexp_C * jnp.sum(dos_CK * q32, axis=1)
+            - t_C
+            + jnp.where(at_last, d_last, 0.0)
+        )
+        dg_ref[r, :] = dg_C
+    dq_ref[...] = dq_CK
+    dk_ref[...] = dk_CK
+
+
+def _wy_bwd_kernel(
+    k_ref,
+    v_ref,
+    g_ref,
+    b_ref,
+    s_ref,
+    w_ref,
+    u_ref,
+    st_ref,
+    dvn_ref,
+    dk_ref,
+    dv_ref,
+    db_ref,
+    dg_ref,
+    *,
+    cfg,
+):
+    """Gradients through W = Tinv (beta e^gamma k), U = Tinv (beta v) and A, per key head."""
+    n, nb, dt = cfg.sub, cfg.C // cfg.sub, cfg.dtype
+    blk = lambda i: pl.ds(i * n, n)
+    k_blocks = [k_ref[blk(i), :] for i in range(nb)]
+    k32 = [kb.astype(_F32) for kb in k_blocks]
+    s_blocks = [s_ref[blk(i)] for i in range(nb)]
+    kk = _kk_blocks(k_blocks, dt)
+    dk = [jnp.zeros((n, cfg.K), _F32) for _ in range(nb)]
+    for r in range(cfg.R):
+        g_blocks = [g_ref[r, blk(i)] for i in range(nb)]
+        b_blocks = [b_ref[r, blk(i)] for i in range(nb)]
+        L, A, Ti = _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dt)
+        S_KV = st_ref[r, :, :]
+        dU = [dvn_ref[blk(i), r, :] for i in range(nb)]
+        dW = [-_mm(dU[i], S_KV, dt, tb=True) for i in range(nb)]
+        # d(rhs) = Tinv^T d(solution), block column by block column.
+        dvb = [sum(_mm(Ti[i, j], dU[i], dt, ta=True) for i in range(j, nb)) for j in range(nb)]
+        dkbg = [sum(_mm(Ti[i, j], dW[i], dt, ta=True) for i in range(j, nb)) for j in range(nb)]
+        u_blocks = [u_ref[blk(i), r, :] for i in range(nb)]
+        w_blocks = [w_ref[blk(i), r, :] for i in range(nb)]
+        dg = [jnp.zeros((n,), _F32) for _ in range(nb)]
+        db = [jnp.zeros((n,), _F32) for _ in range(nb)]
+        for i in range(nb):
+            for j in range(i + 1):
+                # dA = -(dVb U^T + dKbg W^T); entries outside A's pattern meet L = 0 below.
+                dA = -(
+                    _mm(dvb[i], u_blocks[j], dt, tb=True) + _mm(dkbg[i], w_blocks[j], dt, tb=True)
+                )
+                dKK = dA * b_blocks[i][:, None] * L[i, j]
+                dk[i] = dk[i] + _mm(dKK, k_blocks[j], dt)
+                dk[j] = dk[j] + _mm(dKK, k_blocks[i], dt, ta=True)
+                P = dA * A[i, j]
+                dg[i] = dg[i] + jnp.sum(P, axis=1)
+                dg[j] = dg[j] - jnp.sum(P, axis=0)
+                db[i] = db[i] + jnp.sum(dA * kk[i, j] * L[i, j], axis=1)
+        for i in range(nb):
+            gexp = _masked_exp(s_blocks[i] == 0, g_blocks[i])
+            kg = gexp[:, None] * k32[i]
+            dk[i] = dk[i] + (b_blocks[i] * gexp)[:, None] * dkbg[i]
+            v32 = v_ref[blk(i), r, :].astype(_F32)
+            dv_ref[blk(i), r, :] = b_blocks[i][:, None] * dvb[i]
+            db_ref[r, blk(i)] = (
+                db[i] + jnp.sum(dvb[i] * v32, axis=1) + jnp.sum(dkbg[i] * kg, axis=1)
+            )
+            dg_ref[r, blk(i)] = dg[i] + b_blocks[i] * jnp.sum(dkbg[i] * kg, axis=1)
+    for i in range(nb):
+        dk_ref[blk(i), :] = dk[i]
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, num_warps, num_stages=1):
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=cfg.interpret,
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name=kernel.__name__.strip("_"),
+    )
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _intra(cfg, k, v, gamma, beta, seg):
+    B, Tp, H, HV, K, V, C, R = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V, cfg.C, cfg.R
+    spec = pl.BlockSpec
+    return _call(
+        _intra_kernel,
+        cfg,
+        (B, H, cfg.N),
+        [
+            spec((None, C, None, K), lambda b, h, n: (b, n, h, 0)),
+            spec((None, C, R, V), lambda b, h, n: (b, n, h, 0)),
+            spec((None, R, C), lambda b, h, n: (b, h, n)),
+            spec((None, R, C), lambda b, h, n: (b, h, n)),
+            spec((None, C), lambda b, h, n: (b, n)),
+        ],
+        [
+            spec((None, C, R, K), lambda b, h, n: (b, n, h, 0)),
+            spec((None, C, R, V), lambda b, h, n: (b, n, h, 0)),
+        ],
+        [_sds((B, Tp, HV, K), cfg.dtype), _sds((B, Tp, HV, V), cfg.dtype)],
+        num_warps=cfg.warps_par,
+    )(k, v, gamma, beta, seg)
+
+
+def _state_fwd(cfg, w, u, k, gamma, seg, state0):
+    B, Tp, HV, K, V, R, BV, N = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.BVS, cfg.N
+    spec = pl.BlockSpec
+    return _call(
+        _state_fwd_kernel,
+        cfg,
+        (B, HV, V // BV),
+        [
+            spec((None, Tp, None, K), lambda b, j, iv: (b, 0, j, 0)),
+            spec((None, Tp, None, BV), lambda b, j, iv: (b, 0, j, iv)),
+            spec((None, Tp, None, K), lambda b, j, iv: (b, 0, j // R, 0)),
+            spec((None, None, Tp), lambda b, j, iv: (b, j, 0)),
+            spec((None, Tp), lambda b, j, iv: (b, 0)),
+            spec((None, None, K, BV), lambda b, j, iv: (b, j, 0, iv)),
+        ],
+        [
+            spec((None, None, N * K, BV), lambda b, j, iv: (b, j, 0, iv)),
+            spec((None, Tp, None, BV), lambda b, j, iv: (b, 0, j, iv)),
+            spec((None, None, K, BV), lambda b, j, iv: (b, j, 0, iv)),
+        ],
+        [
+            _sds((B, HV, N * K, V), cfg.dtype),
+            _sds((B, Tp, HV, V), cfg.dtype),
+            _sds((B, HV, K, V), _F32),
+        ],
+        num_warps=cfg.warps_seq,
+        num_stages=cfg.stages_seq,
+    )(w, u, k, gamma, seg, state0)
+
+
+def _output(cfg, q, k, states, vn, gamma, seg, out_dtype):
+    B, Tp, HV, K, V, R, BV, C = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.BV, cfg.C
+    spec = pl.BlockSpec
+    qk_spec = spec((None, C, None, K), lambda b, j, n, iv: (b, n, j // R, 0))
+    return _call(
+        _output_kernel,
+        cfg,
+        (B, HV, cfg.N, V // BV),
+        [
+            qk_spec,
+            qk_spec,
+            spec((None, None, K, BV), lambda b, j, n, iv: (b, j, n, iv)),
+            spec((None, C, None, BV), lambda b, j, n, iv: (b, n, j, iv)),
+            spec((None, None, C), lambda b, j, n, iv: (b, j, n)),
+            spec((None, C), lambda b, j, n, iv: (b, n)),
+        ],
+        spec((None, C, None, BV), lambda b, j, n, iv: (b, n, j, iv)),
+        _sds((B, Tp, HV, V), out_dtype),
+        num_warps=cfg.warps_par,
+    )(q, k, states, vn, gamma, seg)
+
+
+def _dv_local(cfg, q, k, w, u, states, gamma, seg, do):
+    B, Tp, HV, K, V, R, BV, C = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.BV, cfg.C
+    spec = pl.BlockSpec
+    qk_spec = spec((None, C, None, K), lambda b, j, n, iv: (b, n, j // R, 0))
+    cv_spec = spec((None, C, None, BV), lambda b, j, n, iv: (b, n, j, iv))
+    return _call(
+        _dv_local_kernel,
+        cfg,
+        (B, HV, cfg.N, V // BV),
+        [
+            qk_spec,
+            qk_spec,
+            spec((None, C, None, K), lambda b, j, n, iv: (b, n, j, 0)),
+            cv_spec,
+            spec((None, None, K, BV), lambda b, j, n, iv: (b, j, n, iv)),
+            spec((None, None, C), lambda b, j, n, iv: (b, j, n)),
+            spec((None, C), lambda b, j, n, iv: (b, n)),
+            cv_spec,
+        ],
+        [cv_spec, cv_spec],
+        [_sds((B, Tp, HV, V), cfg.dtype), _sds((B, Tp, HV, V), _F32)],
+        num_warps=cfg.warps_par,
+    )(q, k, w, u, states, gamma, seg, do)
+
+
+def _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal):
+    B, Tp, HV, K, V, R, BV, N = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.BVS, cfg.N
+    spec = pl.BlockSpec
+    qk_spec = spec((None, Tp, None, K), lambda b, j, iv: (b, 0, j // R, 0))
+    tv_spec = spec((None, Tp, None, BV), lambda b, j, iv: (b, 0, j, iv))
+    kv_spec = spec((None, None, K, BV), lambda b, j, iv: (b, j, 0, iv))
+    return _call(
+        _state_bwd_kernel,
+        cfg,
+        (B, HV, V // BV),
+        [
+            qk_spec,
+            qk_spec,
+            spec((None, Tp, None, K), lambda b, j, iv: (b, 0, j, 0)),
+            spec((None, None, Tp), lambda b, j, iv: (b, j, 0)),
+            spec((None, Tp), lambda b, j, iv: (b, 0)),
+            tv_spec,
+            tv_spec,
+            kv_spec,
+        ],
+        [spec((None, None, N * K, BV), lambda b, j, iv: (b, j, 0, iv)), tv_spec, kv_spec],
+        [
+            _sds((B, HV, N * K, V), cfg.dtype),
+            _sds((B, Tp, HV, V), _F32),
+            _sds((B, HV, K, V), _F32),
+        ],
+        num_warps=cfg.warps_seq,
+        num_stages=cfg.stages_seq,
+    )(q, k, w, gamma, seg, do, dv_local, dfinal)
+
+
+def _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do):
+    B, Tp, H, HV, K, V, R, C = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.C
+    spec = pl.BlockSpec
+    qk_spec = spec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
+    rkv_spec = spec((None, R, K, V), lambda b, h, n: (b, h, n, 0))
+    crv_spec = spec((None, C, R, V), lambda b, h, n: (b, n, h, 0))
+    rc_spec = spec((None, R, C), lambda b, h, n: (b, h, n))
+    return _call(
+        _dqk_kernel,
+        cfg,
+        (B, H, cfg.N),
+        [
+            qk_spec,
+            qk_spec,
+            rc_spec,
+            spec((None, C), lambda b, h, n: (b, n)),
+            rkv_spec,
+            rkv_spec,
+            crv_spec,
+            crv_spec,
+        ],
+        [qk_spec, qk_spec, rc_spec],
+        [_sds((B, Tp, H, K), _F32), _sds((B, Tp, H, K), _F32), _sds((B, HV, Tp), _F32)],
+        num_warps=cfg.warps_group,
+    )(q, k, gamma, seg, states, dstates, vn, do)
+
+
+def _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, states, dvn):
+    B, Tp, H, HV, K, V, R, C = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.C
+    spec = pl.BlockSpec
+    qk_spec = spec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
+    crv_spec = spec((None, C, R, V), lambda b, h, n: (b, n, h, 0))
+    rc_spec = spec((None, R, C), lambda b, h, n: (b, h, n))
+    return _call(
+        _wy_bwd_kernel,
+        cfg,
+        (B, H, cfg.N),
+        [
+            qk_spec,
+            crv_spec,
+            rc_spec,
+            rc_spec,
+            spec((None, C), lambda b, h, n: (b, n)),
+            spec((None, C, R, K), lambda b, h, n: (b, n, h, 0)),
+            crv_spec,
+            spec((None, R, K, V), lambda b, h, n: (b, h, n, 0)),
+            crv_spec,
+        ],
+        [qk_spec, crv_spec, rc_spec, rc_spec],
+        [
+            _sds((B, Tp, H, K), _F32),
+            _sds((B, Tp, HV, V), _F32),
+            _sds((B, HV, Tp), _F32),
+            _sds((B, HV, Tp), _F32),
+        ],
+        num_warps=cfg.warps_group,
+    )(k, v, gamma, beta, seg, w, u, states, dvn)
+
+
+# --------------------------------------------------------------------------------------------
+# Core with custom VJP, and the public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _forward(cfg, q, k, v, gamma, beta, seg, state0):
+    w, u = _intra(cfg, k, v, gamma, beta, seg)
+    states, vn, final = _state_fwd(cfg, w, u, k, gamma, seg, state0)
+    o = _output(cfg, q, k, states, vn, gamma, seg, v.dtype)
+    return o, final, states
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pallas_core(cfg, q, k, v, gamma, beta, seg, state0):
+    """(q, k [B,Tp,H,K], v [B,Tp,HV,V], gamma, beta [B,HV,Tp] f32, seg [B,Tp] i32, state0
+    [B,HV,K,V] f32) -> (o [B,Tp,HV,V] in v's dtype, final state f32). Saves the inputs and the
+    chunk-start states [B,HV,N*K,V] for the backward."""
+    o, final, _ = _forward(cfg, q, k, v, gamma, beta, seg, state0)
+    return o, final
+
+
+def _pallas_core_fwd(cfg, q, k, v, gamma, beta, seg, state0):
+    o, final, states = _forward(cfg, q, k, v, gamma, beta, seg, state0)
+    return (o, final), (q, k, v, gamma, beta, seg, states)
+
+
+def _pallas_core_bwd(cfg, res, cts):
+    q, k, v, gamma, beta, seg, states = res
+    do, dfinal = cts
+    w, u = _intra(cfg, k, v, gamma, beta, seg)
+    vn, dv_local = _dv_local(cfg, q, k, w, u, states, gamma, seg, do)
+    dstates, dvn, dstate0 = _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal)
+    dq, dk_read, dgamma_read = _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do)
+    dk_wy, dv, dbeta, dgamma_wy = _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, states, dvn)
+    return (
+        dq.astype(q.dtype),
+        (dk_read + dk_wy).astype(k.dtype),
+        dv.astype(v.dtype),
+        dgamma_read + dgamma_wy,
+        dbeta,
+        None,
+        dstate0,
+    )
+
+
+_pallas_core.defvjp(_pallas_core_fwd, _pallas_core_bwd)
+
+
+def pallas_gated_delta_rule(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale=None,
+    initial_state=None,
+    segment_ids=None,
+    chunk_size=64,
+    interpret=False,
+    tuning=None,
+):
+    """Gated delta rule through the Pallas Triton kernels (interpret=True runs them on CPU).
+
+    Same arguments and results as `delta_rule.chunk_gated_delta_rule`; Dk and Dv must be powers
+    of two >= 16 and chunk_size 16, 32 or 64. Differentiable w.r.t. q, k, v, g, beta and
+    initial_state; the backward reruns the intra-chunk kernel, so the saved activations are the
+    inputs and the chunk-start states, O(T*H*Dk + T*HV*Dv + N*HV*Dk*Dv). tuning: optional dict
+    of _Cfg launch fields (bv_seq, bv_par, warps_seq, warps_par, warps_group, stages_seq).
+    """
+    B, T, H, K, HV, V = dr._check_inputs(q, k, v, g, beta, initial_state, segment_ids)
+    dr._check_chunk_size(chunk_size)
+    if not dr._pallas_supported(q, v, chunk_size):
+        raise ValueError(
+            f"The Pallas kernels need Dk, Dv powers of two >= 16 and chunk_size in (16, 32, 64); "
+            f"got Dk={K}, Dv={V}, chunk_size={chunk_size}."
+        )
+    scale = K**-0.5 if scale is None else float(scale)
+    q_, k_, v_, gamma, beta_, seg = dr._chunk_prepare(
+        q, k, v, g, beta, segment_ids, None, chunk_size
+    )
+    store = v.dtype if jnp.dtype(v.dtype).itemsize == 2 else jnp.dtype(_F32)
+    cfg = _Cfg(
+        B,
+        q_.shape[1],
+        H,
+        HV,
+        K,
+        V,
+        chunk_size,
+        scale,
+        jnp.dtype(store).name,
+        bool(interpret),
+        **(tuning or {}),
+    )
+    o, final = _pallas_core(
+        cfg,
+        q_,
+        k_,
+        v_,
+        jnp.swapaxes(gamma, 1, 2),
+        jnp.swapaxes(beta_, 1, 2),
+        seg,
+        dr._initial_state(initial_state, B, HV, K, V),
+    )
+    return o[:, :T], final

@@ -1,0 +1,307 @@
+"""Sparse MoE ops: router top-k, load-balancing terms, and routed SwiGLU experts (sort-based,
+dropless by default, optionally expert-parallel over a mesh axis).
+
+Routed experts, single device: flatten the (token, slot) pairs, stable-sort them by expert, lay
+the groups out for the grouped-matmul backend (moe_experts.row_layout), gather rows, run the
+grouped SwiGLU, gather back and combine with the routing weights in fp32. Every permutation is a
+gather with a gather backward (moe_dispatch): no one-hot [slots, experts] tensor anywhere.
+
+Capacity (optional `capacity_factor` cf): each expert keeps C = ceil(cf * T * K / E) slots, T the
+tokens of the routing group (all tokens here; under a mesh, the tokens of one expert-parallel
+group). Priority is the stable sort order: within an expert, earlier tokens win (token index,
+then slot k), so the *latest* tokens are dropped; dropped slots contribute zero.
+
+Expert parallelism (mesh given with mesh.shape[expert_axis] > 1): inside `jax.shard_map`, each
+device routes its local tokens into one fixed-size chunk per expert shard, `all_to_all`s them
+(ragged_all_to_all is not implemented on XLA:CPU, so fixed buffers), regroups the received rows
+by local expert, computes, and sends the results back the same way. Per-expert counts are
+all-gathered first, so every device knows how many rows every source sends to every expert; this
+makes capacity drops identical to the single-device ones (sources ordered along the expert axis,
+which is how `token_axes` lays tokens out) and lets the chunk size be chosen at run time between
+two static sizes:
+  fast: S = round_up(EP_FAST_FACTOR * T_local * K / P, 8) rows per destination;
+  safe: S = T_local * K (every local slot to one shard), the dropless worst case.
+`lax.cond` takes the fast path when every chunk of the group fits, else the safe path, so the op
+stays dropless-exact; the price is that XLA reserves memory for the safe path's buffers
+(P * T_local * K rows of D). Stats report which path ran (`ep_safe_path`).
+A mesh whose expert axis has size 1 but whose token axes are sharded runs the same shard_map with
+no exchange: each device routes its own tokens to its full copy of the experts.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qwen3next_jax.ops import moe_experts
+from qwen3next_jax.ops.moe_dispatch import (
+    combine,
+    dispatch,
+    exclusive_cumsum,
+    permute,
+    place_by_group,
+    round_up,
+    sort_by_group,
+)
+
+EP_FAST_FACTOR = 2.0  # fast-path chunk = this x the balanced share of a destination
+
+
+def router_topk(logits_TE: jax.Array, k: int, norm_topk_prob: bool = True):
+    """Softmax over all experts in fp32, then top-k (spec §2.5).
+
+    Returns weights_TK float32 (renormalised to sum 1 if norm_topk_prob), idx_TK int32 and
+    probs_TE float32.
+    """
+    probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
+    weights_TK, idx_TK = jax.lax.top_k(probs_TE, k)
+    if norm_topk_prob:
+        weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
+    return weights_TK, idx_TK.astype(jnp.int32), probs_TE
+
+
+def load_balancing_terms(probs_TE: jax.Array, idx_TK: jax.Array, num_experts: int, mask_T=None):
+    """(f_E, P_E) float32 [E] for the Switch/Megatron loss E * sum_e f_e P_e (spec §3.2).
+
+    f_E = routed slots per expert / (k * valid tokens); P_E = mean router prob over valid tokens.
+    Uniform routing gives E * sum_e f_e P_e == 1. mask_T (optional, [T] bool/0-1) marks valid
+    tokens. Only P_E carries a gradient.
+    """
+    t, k = idx_TK.shape
+    valid_T = jnp.ones((t,), jnp.float32) if mask_T is None else mask_T.astype(jnp.float32)
+    n_valid = jnp.maximum(jnp.sum(valid_T), 1.0)
+    counts_E = (
+        jnp.zeros((num_experts,), jnp.float32).at[idx_TK.reshape(-1)].add(jnp.repeat(valid_T, k))
+    )
+    f_E = counts_E / (k * n_valid)
+    P_E = jnp.einsum("te,t->e", probs_TE.astype(jnp.float32), valid_T) / n_valid
+    return f_E, P_E
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend != "auto":
+        if backend not in moe_experts.BACKENDS:
+            raise ValueError(
+                f"unknown MoE backend {backend!r}; expected 'auto' or one of {moe_experts.BACKENDS}"
+            )
+        return backend
+    # GPU: lax.ragged_dot's lowering densifies over groups (fails at 512 experts), and tokamax
+    # 0.0.17's Mosaic kernels gave wrong weight gradients on an H200 (bench/RESULTS.md), so
+    # tokamax runs only when asked for by name.
+    return "pallas" if jax.default_backend() == "gpu" else "ragged_dot"
+
+
+def _capacity(capacity_factor, tokens: int, k: int, num_experts: int) -> int | None:
+    if capacity_factor is None:
+        return None
+    return max(1, math.ceil(capacity_factor * tokens * k / num_experts))
+
+
+def _local(x_TD, weights_TK, idx_TK, wg, wu, wd, backend, capacity):
+    """Routes and computes on one device's tokens and all experts. Returns (y_TD, kept slots)."""
+    t, k = idx_TK.shape
+    e = wg.shape[0]
+    rows, start_fn = moe_experts.row_layout(backend, t * k, e, capacity)
+    limit_E = None if capacity is None else jnp.full((e,), capacity, jnp.int32)
+    pl = place_by_group(idx_TK.reshape(t * k), e, rows, start_fn, limit_E)
+    pos_TK = pl.pos_N.reshape(t, k)
+    x_RD = dispatch(x_TD, pl.src_R, pos_TK)
+    y_RD = moe_experts.grouped_swiglu(x_RD, pl.sizes_G, pl.start_G, wg, wu, wd, backend=backend)
+    y_TD = combine(y_RD, weights_TK, pos_TK, pl.src_R, x_TD.dtype)
+    return y_TD, pl.counts_G, jnp.sum(pl.sizes_G)
+
+
+def _stats(counts_E, kept, num_slots, sum_axes=None, safe_path=None):
+    if sum_axes:
+        counts_E = jax.lax.psum(counts_E, sum_axes)
+        kept = jax.lax.psum(kept, sum_axes)
+        num_slots = jax.lax.psum(jnp.asarray(num_slots, jnp.int32), sum_axes)
+    stats = {
+        "tokens_per_expert_E": counts_E.astype(jnp.int32),
+        "dropped_fraction": 1.0 - kept.astype(jnp.float32) / jnp.float32(num_slots),
+    }
+    if safe_path is not None:
+        safe_path = safe_path.astype(jnp.float32)
+        stats["ep_safe_path"] = jax.lax.pmax(safe_path, sum_axes) if sum_axes else safe_path
+    return stats
+
+
+def _ep_exchange(
+    x_TD,
+    weights_TK,
+    e_N,
+    sorted_,
+    limit_E,
+    wg,
+    wu,
+    wd,
+    *,
+    chunk,
+    num_shards,
+    axis,
+    backend,
+    capacity,
+):
+    """One expert-parallel round trip with `chunk` rows per destination. Returns y_TD."""
+    t, k = weights_TK.shape
+    e_local = wg.shape[0]
+
+    def send_start(sizes_E):
+        dest_E = jnp.arange(num_shards * e_local, dtype=jnp.int32) // e_local
+        within = exclusive_cumsum(sizes_E.reshape(num_shards, e_local), axis=1).reshape(-1)
+        return dest_E * chunk + within
+
+    rows_send = num_shards * chunk
+    send = place_by_group(e_N, num_shards * e_local, rows_send, send_start, limit_E, sorted_)
+    pos_TK = send.pos_N.reshape(t, k)
+    x_send = dispatch(x_TD, send.src_R, pos_TK)
+    gid_send = jnp.take(e_N % e_local, send.src_R, mode="fill", fill_value=e_local)
+
+    x_recv = jax.lax.all_to_all(x_send, axis, 0, 0, tiled=True)
+    gid_recv = jax.lax.all_to_all(gid_send, axis, 0, 0, tiled=True)
+
+    rows, start_fn = moe_experts.row_layout(backend, rows_send, e_local, capacity)
+    grp = place_by_group(gid_recv, e_local, rows, start_fn)
+    x_RD = permute(x_recv, grp.src_R, grp.pos_N)
+    y_RD = moe_experts.grouped_swiglu(x_RD, grp.sizes_G, grp.start_G, wg, wu, wd, backend=backend)
+    y_recv = permute(y_RD, grp.pos_N, grp.src_R)
+    y_send = jax.lax.all_to_all(y_recv, axis, 0, 0, tiled=True)
+    return combine(y_send, weights_TK, pos_TK, send.src_R, x_TD.dtype)
+
+
+def _ep_body(
+    x_TD, weights_TK, idx_TK, wg, wu, wd, *, axis, num_shards, sum_axes, backend, capacity_factor
+):
+    t, k = idx_TK.shape
+    e_local = wg.shape[0]
+    e = e_local * num_shards
+    n = t * k
+    capacity = _capacity(capacity_factor, t * num_shards, k, e)
+
+    e_N = idx_TK.reshape(n)
+    sorted_ = sort_by_group(e_N, e)
+    counts_E = sorted_[2][1:] - sorted_[2][:-1]
+    counts_SE = jax.lax.all_gather(counts_E, axis)  # identical on every device of the group
+    if capacity is None:
+        kept_SE = counts_SE
+    else:
+        before_SE = exclusive_cumsum(counts_SE, axis=0)
+        kept_SE = jnp.clip(capacity - before_SE, 0, counts_SE)
+    me = jax.lax.axis_index(axis)
+    limit_E = None if capacity is None else kept_SE[me]
+    kept = jnp.sum(kept_SE[me])
+
+    chunk_safe = n if capacity is None else min(n, e_local * capacity)
+    chunk_fast = min(chunk_safe, round_up(math.ceil(EP_FAST_FACTOR * n / num_shards), 8))
+    run = lambda chunk: _ep_exchange(  # noqa: E731
+        x_TD,
+        weights_TK,
+        e_N,
+        sorted_,
+        limit_E,
+        wg,
+        wu,
+        wd,
+        chunk=chunk,
+        num_shards=num_shards,
+        axis=axis,
+        backend=backend,
+        capacity=capacity,
+    )
+    if chunk_fast < chunk_safe:
+        per_chunk_max = jnp.max(kept_SE.reshape(num_shards, num_shards, e_local).sum(-1))
+        safe = per_chunk_max > chunk_fast
+        y_TD = jax.lax.cond(safe, lambda: run(chunk_safe), lambda: run(chunk_fast))
+    else:
+        safe = jnp.asarray(True)
+        y_TD = run(chunk_safe)
+    return y_TD, _stats(counts_E, kept, n, sum_axes, safe)
+
+
+def _local_body(x_TD, weights_TK, idx_TK, wg, wu, wd, *, sum_axes, backend, capacity_factor):
+    t, k = idx_TK.shape
+    capacity = _capacity(capacity_factor, t, k, wg.shape[0])
+    y_TD, counts_E, kept = _local(x_TD, weights_TK, idx_TK, wg, wu, wd, backend, capacity)
+    return y_TD, _stats(counts_E, kept, t * k, sum_axes)
+
+
+def routed_experts(
+    x_TD,
+    weights_TK,
+    idx_TK,
+    w_gate_EDF,
+    w_up_EDF,
+    w_down_EFD,
+    *,
+    backend="auto",
+    capacity_factor=None,
+    mesh=None,
+    expert_axis="expert",
+    token_axes=("data", "fsdp", "expert"),
+):
+    """y_TD = sum_k weights_TK[t,k] * SwiGLU_{idx_TK[t,k]}(x_TD[t]), and routing stats.
+
+    x_TD [T, D] bf16/fp32; weights_TK [T, K] float32; idx_TK [T, K] int32 in [0, E);
+    w_gate_EDF, w_up_EDF [E, D, F], w_down_EFD [E, F, D] (cast to x's dtype for the matmuls,
+    which accumulate in fp32). The combine is fp32, cast to x's dtype.
+    backend: 'auto' | 'ragged_dot' | 'tokamax' | 'pallas' | 'padded' | 'dense' (moe_experts).
+      auto = ragged_dot on CPU/TPU, pallas on GPU (tokamax only by name: see _resolve_backend).
+    capacity_factor: None = dropless; else per-expert capacity ceil(cf * T_group * K / E).
+    mesh: optional; when it shards the experts (expert_axis) or the tokens (token_axes present
+      in it), the op runs in shard_map with tokens split over token_axes and experts over
+      expert_axis (see module docstring). T must divide by the token shards, E by the expert ones.
+    Returns (y_TD, stats): tokens_per_expert_E int32 [E] (global routed slots per expert),
+    dropped_fraction float32 scalar (global), and ep_safe_path (0/1) under expert parallelism.
+    """
+    backend = _resolve_backend(backend)
+    names = () if mesh is None else tuple(mesh.axis_names)
+    tok_axes = tuple(a for a in token_axes if a in names)
+    num_shards = mesh.shape[expert_axis] if expert_axis in names else 1
+    tok_shards = math.prod(mesh.shape[a] for a in tok_axes) if tok_axes else 1
+    if mesh is None or (num_shards == 1 and tok_shards == 1):
+        t, k = idx_TK.shape
+        capacity = _capacity(capacity_factor, t, k, w_gate_EDF.shape[0])
+        y_TD, counts_E, kept = _local(
+            x_TD, weights_TK, idx_TK, w_gate_EDF, w_up_EDF, w_down_EFD, backend, capacity
+        )
+        return y_TD, _stats(counts_E, kept, t * k)
+
+    if x_TD.shape[0] % tok_shards or w_gate_EDF.shape[0] % num_shards:
+        raise ValueError(
+            f"routed_experts: {x_TD.shape[0]} tokens must divide by {tok_shards} token shards "
+            f"and {w_gate_EDF.shape[0]} experts by {num_shards} expert shards"
+        )
+    tok_spec = P(tok_axes or None, None)
+    w_spec = P(expert_axis if num_shards > 1 else None, None, None)
+    if num_shards > 1:
+        body = lambda *a: _ep_body(  # noqa: E731
+            *a,
+            axis=expert_axis,
+            num_shards=num_shards,
+            sum_axes=tok_axes,
+            backend=backend,
+            capacity_factor=capacity_factor,
+        )
+    else:
+        body = lambda *a: _local_body(  # noqa: E731
+            *a, sum_axes=tok_axes, backend=backend, capacity_factor=capacity_factor
+        )
+    in_specs = (tok_spec, tok_spec, tok_spec, w_spec, w_spec, w_spec)
+    args = (x_TD, weights_TK, idx_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+        # Explicit axes: shard_map wants inputs already laid out as in_specs.
+        args = tuple(
+            jax.sharding.reshard(a, NamedSharding(mesh, s))
+            for a, s in zip(args, in_specs, strict=True)
+        )
+    stats_spec = {"tokens_per_expert_E": P(), "dropped_fraction": P()}
+    if num_shards > 1:
+        stats_spec["ep_safe_path"] = P()
+    # check_vma=False: the Pallas backend's out_shape would otherwise need per-version vma
+    # annotations; every replicated output here is made so explicitly (psum / pmax).
+    fn = jax.shard_map(
+        body, mesh=mesh, in_specs=in_specs, out_specs=(tok_spec, stats_spec), check_vma=False
+    )
+    return fn(*args)

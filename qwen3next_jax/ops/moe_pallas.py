@@ -1,0 +1,331 @@
+"""Grouped SwiGLU over tile-aligned groups with Pallas (Triton) kernels: the dropless GPU path.
+
+Layout: rows are grouped by expert and every group starts on a multiple of TILE_M, so each row
+tile belongs to one expert (`tile_group`, -1 for unused tiles). This is megablox's grouped GEMM
+with the boundary handling moved into the layout: at most G*(TILE_M-1) padding rows, no masks.
+
+Five kernels, all fp32-accumulating, none materialising per-tile weight copies:
+  forward   h, g, u = swiglu(x @ Wg[e], x @ Wu[e])      (one pass over x, two accumulators)
+            y       = h @ Wd[e]
+  backward  dg, du  = swiglu'(dy @ Wd[e]^T; g, u)       (epilogue fused)
+            dx      = dg @ Wg[e]^T + du @ Wu[e]^T
+            dWd[e]  = h_e^T dy_e;  dWg[e], dWu[e] = x_e^T dg_e, x_e^T du_e   (per-expert loops)
+Padding rows hold x = 0 and dy = 0 (the dispatch fills them so), hence contribute nothing to dW.
+On a non-GPU platform the kernels run in Pallas interpret mode (tests).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from qwen3next_jax.ops.moe_dispatch import round_up
+
+TILE_M = 128  # rows per tile; the layout pads each group to this
+BLOCK_N = 128  # output columns per program
+BLOCK_K = 64  # contraction step
+TGMM_ROWS = 64  # rows per step of the per-expert weight-gradient loop (divides TILE_M)
+NUM_WARPS = 8
+NUM_STAGES = 3
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+SMEM_BUDGET = 200 * 1024  # bytes of pipelined operand buffers (H100/H200 allow 227 KiB)
+
+
+def _compiler_params(stage_bytes: int):
+    """Triton params; fewer pipeline stages when NUM_STAGES copies of one step's operand tiles
+    (`stage_bytes`) would not fit in shared memory (fp32 inputs, two-weight kernels)."""
+    if _interpret():
+        return None
+    from jax.experimental.pallas import triton as plgpu
+
+    stages = max(1, min(NUM_STAGES, SMEM_BUDGET // stage_bytes))
+    return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=stages)
+
+
+def _block(dim: int, pref: int) -> int:
+    b = min(pref, dim)
+    if dim % b:
+        raise ValueError(f"MoE pallas backend: dimension {dim} is not a multiple of block {b}")
+    return b
+
+
+def _mm(a, b, contract=(1, 0)):
+    prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(
+        a,
+        b,
+        (((contract[0],), (contract[1],)), ((), ())),
+        precision=prec,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + jnp.exp(-z))
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, stage_bytes):
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=_interpret(),
+        compiler_params=_compiler_params(stage_bytes),
+    )
+
+
+def _full(shape):
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def _gateup_kernel(tg_ref, x_ref, wg_ref, wu_ref, h_ref, g_ref, u_ref, *, bk):
+    j, i = pl.program_id(0), pl.program_id(1)
+    e = tg_ref[i]
+    bm, bn = h_ref.shape
+    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+    @pl.when(e >= 0)
+    def _():
+        def body(k, acc):
+            ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+            xk = x_ref[:, ks]
+            return acc[0] + _mm(xk, wg_ref[e, ks, cols]), acc[1] + _mm(xk, wu_ref[e, ks, cols])
+
+        z = jnp.zeros((bm, bn), jnp.float32)
+        acc_g, acc_u = jax.lax.fori_loop(0, x_ref.shape[1] // bk, body, (z, z))
+        g_ref[...] = acc_g.astype(g_ref.dtype)
+        u_ref[...] = acc_u.astype(u_ref.dtype)
+        h_ref[...] = (acc_g * _sigmoid(acc_g) * acc_u).astype(h_ref.dtype)
+
+    @pl.when(e < 0)
+    def _():
+        z = jnp.zeros((bm, bn), h_ref.dtype)
+        h_ref[...], g_ref[...], u_ref[...] = z, z, z
+
+
+def _down_kernel(tg_ref, h_ref, wd_ref, y_ref, *, bk):
+    j, i = pl.program_id(0), pl.program_id(1)
+    e = tg_ref[i]
+    bm, bn = y_ref.shape
+    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+    @pl.when(e >= 0)
+    def _():
+        def body(k, acc):
+            ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+            return acc + _mm(h_ref[:, ks], wd_ref[e, ks, cols])
+
+        acc = jax.lax.fori_loop(0, h_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
+        y_ref[...] = acc.astype(y_ref.dtype)
+
+    @pl.when(e < 0)
+    def _():
+        y_ref[...] = jnp.zeros((bm, bn), y_ref.dtype)
+
+
+def _down_bwd_kernel(tg_ref, dy_ref, wd_ref, g_ref, u_ref, dg_ref, du_ref, *, bk):
+    j, i = pl.program_id(0), pl.program_id(1)
+    e = tg_ref[i]
+    bm, bn = dg_ref.shape
+    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+    @pl.when(e >= 0)
+    def _():
+        def body(k, acc):
+            ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+            return acc + _mm(dy_ref[:, ks], wd_ref[e, cols, ks], contract=(1, 1))
+
+        dh = jax.lax.fori_loop(0, dy_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
+        g = g_ref[...].astype(jnp.float32)
+        u = u_ref[...].astype(jnp.float32)
+        s = _sigmoid(g)
+        du_ref[...] = (dh * g * s).astype(du_ref.dtype)
+        dg_ref[...] = (dh * u * s * (1.0 + g * (1.0 - s))).astype(dg_ref.dtype)
+
+    @pl.when(e < 0)
+    def _():
+        z = jnp.zeros((bm, bn), dg_ref.dtype)
+        dg_ref[...], du_ref[...] = z, z
+
+
+def _dx_kernel(tg_ref, dg_ref, du_ref, wg_ref, wu_ref, dx_ref, *, bk):
+    j, i = pl.program_id(0), pl.program_id(1)
+    e = tg_ref[i]
+    bm, bn = dx_ref.shape
+    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+    @pl.when(e >= 0)
+    def _():
+        def body(k, acc):
+            ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+            acc = acc + _mm(dg_ref[:, ks], wg_ref[e, cols, ks], contract=(1, 1))
+            return acc + _mm(du_ref[:, ks], wu_ref[e, cols, ks], contract=(1, 1))
+
+        acc = jax.lax.fori_loop(0, dg_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
+        dx_ref[...] = acc.astype(dx_ref.dtype)
+
+    @pl.when(e < 0)
+    def _():
+        dx_ref[...] = jnp.zeros((bm, bn), dx_ref.dtype)
+
+
+def _tgmm_kernel(lo_ref, hi_ref, a_ref, *refs, bm):
+    """out_i[e] = sum over the row tiles of group e of a_rows^T @ b_i_rows (one or two b's)."""
+    n_b = len(refs) // 2
+    b_refs, o_refs = refs[:n_b], refs[n_b:]
+    ib, ia, e = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    ba, bb = o_refs[0].shape
+    acols = pl.ds(pl.multiple_of(ia * ba, ba), ba)
+    bcols = pl.ds(pl.multiple_of(ib * bb, bb), bb)
+
+    def body(t, accs):
+        rows = pl.ds(pl.multiple_of(t * bm, bm), bm)
+        a = a_ref[rows, acols]
+        return tuple(
+            acc + _mm(a, b_ref[rows, bcols], contract=(0, 0))
+            for acc, b_ref in zip(accs, b_refs, strict=True)
+        )
+
+    z = jnp.zeros((ba, bb), jnp.float32)
+    steps = TILE_M // bm  # row steps per tile
+    accs = jax.lax.fori_loop(lo_ref[e] * steps, hi_ref[e] * steps, body, (z,) * n_b)
+    for o_ref, acc in zip(o_refs, accs, strict=True):
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _tile_maps(sizes_G, start_G, num_rows):
+    """tile_group [R/TILE_M] (-1 = unused tile) and each group's tile range [lo_G, hi_G)."""
+    lo_G = start_G // TILE_M
+    hi_G = lo_G + round_up(sizes_G, TILE_M) // TILE_M
+    tiles = jnp.arange(num_rows // TILE_M, dtype=jnp.int32)
+    g = jnp.searchsorted(hi_G, tiles, side="right", method="scan").astype(jnp.int32)
+    g_safe = jnp.minimum(g, sizes_G.shape[0] - 1)
+    valid = (g < sizes_G.shape[0]) & (tiles >= lo_G[g_safe])
+    return jnp.where(valid, g, -1), lo_G.astype(jnp.int32), hi_G.astype(jnp.int32)
+
+
+def _gateup(tg, x_RD, wg, wu):
+    r, d = x_RD.shape
+    f = wg.shape[2]
+    bm, bn, bk = TILE_M, _block(f, BLOCK_N), _block(d, BLOCK_K)
+    out = jax.ShapeDtypeStruct((r, f), x_RD.dtype)
+    tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
+    return _call(
+        functools.partial(_gateup_kernel, bk=bk),
+        (f // bn, r // bm),
+        [
+            _full(tg.shape),
+            pl.BlockSpec((bm, d), lambda j, i: (i, 0)),
+            _full(wg.shape),
+            _full(wu.shape),
+        ],
+        [tile, tile, tile],
+        [out, out, out],
+        (bm * bk + 2 * bk * bn) * x_RD.dtype.itemsize,
+    )(tg, x_RD, wg, wu)
+
+
+def _down(tg, h_RF, wd):
+    r, f = h_RF.shape
+    d = wd.shape[2]
+    bm, bn, bk = TILE_M, _block(d, BLOCK_N), _block(f, BLOCK_K)
+    return _call(
+        functools.partial(_down_kernel, bk=bk),
+        (d // bn, r // bm),
+        [_full(tg.shape), pl.BlockSpec((bm, f), lambda j, i: (i, 0)), _full(wd.shape)],
+        pl.BlockSpec((bm, bn), lambda j, i: (i, j)),
+        jax.ShapeDtypeStruct((r, d), h_RF.dtype),
+        (bm * bk + bk * bn) * h_RF.dtype.itemsize,
+    )(tg, h_RF, wd)
+
+
+def _down_bwd(tg, dy_RD, wd, g_RF, u_RF):
+    r, d = dy_RD.shape
+    f = wd.shape[1]
+    bm, bn, bk = TILE_M, _block(f, BLOCK_N), _block(d, BLOCK_K)
+    tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
+    out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
+    return _call(
+        functools.partial(_down_bwd_kernel, bk=bk),
+        (f // bn, r // bm),
+        [_full(tg.shape), pl.BlockSpec((bm, d), lambda j, i: (i, 0)), _full(wd.shape), tile, tile],
+        [tile, tile],
+        [out, out],
+        (bm * bk + bk * bn) * dy_RD.dtype.itemsize,
+    )(tg, dy_RD, wd, g_RF, u_RF)
+
+
+def _dx(tg, dg_RF, du_RF, wg, wu):
+    r, f = dg_RF.shape
+    d = wg.shape[1]
+    bm, bn, bk = TILE_M, _block(d, BLOCK_N), _block(f, BLOCK_K)
+    rows = pl.BlockSpec((bm, f), lambda j, i: (i, 0))
+    return _call(
+        functools.partial(_dx_kernel, bk=bk),
+        (d // bn, r // bm),
+        [_full(tg.shape), rows, rows, _full(wg.shape), _full(wu.shape)],
+        pl.BlockSpec((bm, bn), lambda j, i: (i, j)),
+        jax.ShapeDtypeStruct((r, d), dg_RF.dtype),
+        2 * (bm * bk + bk * bn) * dg_RF.dtype.itemsize,
+    )(tg, dg_RF, du_RF, wg, wu)
+
+
+def _tgmm(lo_G, hi_G, a_RA, bs, out_dtype):
+    """[G, A, B] per-group a^T b for each b in bs, over each group's row tiles."""
+    g = lo_G.shape[0]
+    a = a_RA.shape[1]
+    b = bs[0].shape[1]
+    ba, bb = _block(a, BLOCK_N), _block(b, BLOCK_N)
+    out_spec = pl.BlockSpec((None, ba, bb), lambda j, i, e: (e, i, j))
+    rows = min(TGMM_ROWS, TILE_M)
+    if TILE_M % rows:
+        raise ValueError(f"TGMM_ROWS={TGMM_ROWS} must divide TILE_M={TILE_M}")
+    return _call(
+        functools.partial(_tgmm_kernel, bm=rows),
+        (b // bb, a // ba, g),
+        [_full(lo_G.shape), _full(hi_G.shape), _full(a_RA.shape)] + [_full(x.shape) for x in bs],
+        [out_spec] * len(bs),
+        [jax.ShapeDtypeStruct((g, a, b), out_dtype)] * len(bs),
+        rows * (ba + len(bs) * bb) * a_RA.dtype.itemsize,
+    )(lo_G, hi_G, a_RA, *bs)
+
+
+@jax.custom_vjp
+def _swiglu_tiles(tg, lo_G, hi_G, x_RD, wg, wu, wd):
+    h, _, _ = _gateup(tg, x_RD, wg, wu)
+    return _down(tg, h, wd)
+
+
+def _swiglu_tiles_fwd(tg, lo_G, hi_G, x_RD, wg, wu, wd):
+    h, g, u = _gateup(tg, x_RD, wg, wu)
+    return _down(tg, h, wd), (tg, lo_G, hi_G, x_RD, wg, wu, wd, h, g, u)
+
+
+def _swiglu_tiles_bwd(res, dy_RD):
+    tg, lo_G, hi_G, x_RD, wg, wu, wd, h, g, u = res
+    dy_RD = dy_RD.astype(x_RD.dtype)
+    dg, du = _down_bwd(tg, dy_RD, wd, g, u)
+    dx = _dx(tg, dg, du, wg, wu)
+    (dwd,) = _tgmm(lo_G, hi_G, h, [dy_RD], wd.dtype)
+    dwg, dwu = _tgmm(lo_G, hi_G, x_RD, [dg, du], wg.dtype)
+    return None, None, None, dx, dwg, dwu, dwd
+
+
+_swiglu_tiles.defvjp(_swiglu_tiles_fwd, _swiglu_tiles_bwd)
+
+
+def tiled_swiglu(x_RD, sizes_G, start_G, w_gate_GDF, w_up_GDF, w_down_GFD):
+    """Grouped SwiGLU on a TILE_M-aligned layout. x_RD [R, D] with R % TILE_M == 0; weights in
+    x's dtype; D and F multiples of the block sizes (or smaller powers of two). Returns [R, D]."""
+    if x_RD.shape[0] % TILE_M:
+        raise ValueError(f"rows {x_RD.shape[0]} not a multiple of TILE_M={TILE_M}")
+    tg, lo_G, hi_G = _tile_maps(sizes_G, start_G, x_RD.shape[0])
+    return _swiglu_tiles(tg, lo_G, hi_G, x_RD, w_gate_GDF, w_up_GDF, w_down_GFD)

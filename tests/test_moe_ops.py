@@ -1,0 +1,314 @@
+"""Routed-expert MoE op: backends vs a dense reference, capacity drops, expert parallelism, router
+helpers, and the no-one-hot property of the backward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from qwen3next_jax.ops import moe, moe_pallas
+
+T, D, F, E, K = 48, 32, 16, 8, 2
+BACKENDS = ["ragged_dot", "padded", "dense", "pallas"]
+
+
+@pytest.fixture(autouse=True)
+def _small_pallas_tiles(monkeypatch):
+    # Interpret-mode Pallas: small tiles keep the padded row count (and the test time) small.
+    monkeypatch.setattr(moe_pallas, "TILE_M", 16)
+    monkeypatch.setattr(moe_pallas, "BLOCK_N", 16)
+    monkeypatch.setattr(moe_pallas, "BLOCK_K", 16)
+    monkeypatch.setattr(moe_pallas, "TGMM_ROWS", 8)
+
+
+def _params(seed=0, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(ks[0], (T, D), jnp.float32)
+    wg = jax.random.normal(ks[1], (E, D, F), jnp.float32) / np.sqrt(D)
+    wu = jax.random.normal(ks[2], (E, D, F), jnp.float32) / np.sqrt(D)
+    wd = jax.random.normal(ks[3], (E, F, D), jnp.float32) / np.sqrt(F)
+    cot = jax.random.normal(ks[4], (T, D), jnp.float32)
+    return x.astype(dtype), wg.astype(dtype), wu.astype(dtype), wd.astype(dtype), cot
+
+
+def _routing(kind, seed=1):
+    """weights_TK (sum 1 per token) and idx_TK for 'random', 'balanced' or 'skewed' routing."""
+    kw, kl = jax.random.split(jax.random.key(seed))
+    w = jax.nn.softmax(jax.random.normal(kw, (T, K)), axis=-1)
+    if kind == "random":
+        _, idx, _ = moe.router_topk(jax.random.normal(kl, (T, E)), K)
+    elif kind == "balanced":
+        idx = (jnp.arange(T * K, dtype=jnp.int32) % E).reshape(T, K)
+    else:  # every slot of every token to expert 3
+        idx = jnp.full((T, K), 3, jnp.int32)
+    return w, idx
+
+
+def _reference(x, w, idx, wg, wu, wd, keep_TK=None):
+    """Every expert on every token, combined through a dense [T, E] weight matrix (fp32)."""
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    w = w if keep_TK is None else w * keep_TK
+    c_TE = jnp.zeros((x.shape[0], E)).at[jnp.arange(x.shape[0])[:, None], idx].add(w)
+    hi = jax.lax.Precision.HIGHEST
+    g = jnp.einsum("td,edf->etf", f32(x), f32(wg), precision=hi)
+    u = jnp.einsum("td,edf->etf", f32(x), f32(wu), precision=hi)
+    y_ETD = jnp.einsum("etf,efd->etd", jax.nn.silu(g) * u, f32(wd), precision=hi)
+    return jnp.einsum("te,etd->td", c_TE, y_ETD, precision=hi)
+
+
+def _numpy_reference(x, w, idx, wg, wu, wd):
+    x, w, idx, wg, wu, wd = (np.asarray(a, np.float64) for a in (x, w, idx, wg, wu, wd))
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            g, u = x[t] @ wg[e], x[t] @ wu[e]
+            out[t] += w[t, k] * ((g / (1 + np.exp(-g)) * u) @ wd[e])
+    return out
+
+
+def _value_and_grads(fn, x, w, wg, wu, wd, cot):
+    """fn(x, w, wg, wu, wd) -> y; returns y and grads of sum(y * cot) wrt all five."""
+
+    def loss(*args):
+        y = fn(*args)
+        return jnp.sum(y.astype(jnp.float32) * cot), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(
+        x, w, wg, wu, wd
+    )
+    return y, grads
+
+
+def _assert_close(got, want, tol):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, atol=tol * scale, rtol=tol)
+
+
+def _check_against_reference(backend, kind, capacity_factor=None, keep=None):
+    x, wg, wu, wd, cot = _params()
+    w, idx = _routing(kind)
+    op = lambda x, w, g, u, d: moe.routed_experts(  # noqa: E731
+        x, w, idx, g, u, d, backend=backend, capacity_factor=capacity_factor
+    )[0]
+    ref = lambda x, w, g, u, d: _reference(x, w, idx, g, u, d, keep)  # noqa: E731
+    y, grads = _value_and_grads(op, x, w, wg, wu, wd, cot)
+    y_ref, grads_ref = _value_and_grads(ref, x, w, wg, wu, wd, cot)
+    _assert_close(y, y_ref, 1e-5)
+    for name, g, g_ref in zip(
+        ("x", "weights", "w_gate", "w_up", "w_down"), grads, grads_ref, strict=True
+    ):
+        assert np.abs(np.asarray(g_ref)).max() > 0, name
+        _assert_close(g, g_ref, 1e-5)
+    return y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["random", "skewed"])
+def test_backend_matches_dense_reference(backend, kind):
+    y = _check_against_reference(backend, kind)
+    if kind == "random":
+        x, wg, wu, wd, _ = _params()
+        w, idx = _routing(kind)
+        np.testing.assert_allclose(
+            np.asarray(y), _numpy_reference(x, w, idx, wg, wu, wd), atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("backend", ["ragged_dot", "pallas"])
+def test_bf16_close_to_fp32_reference(backend):
+    x, wg, wu, wd, _ = _params(dtype=jnp.bfloat16)
+    w, idx = _routing("random")
+    y, stats = moe.routed_experts(x, w, idx, wg, wu, wd, backend=backend)
+    assert y.dtype == jnp.bfloat16
+    _assert_close(y, _reference(x, w, idx, wg, wu, wd), 3e-2)
+
+
+def _kept_slots(idx, capacity):
+    """numpy: the first `capacity` slots of each expert in flat (token, slot) order are kept."""
+    flat = np.asarray(idx).reshape(-1)
+    keep = np.zeros(flat.shape, np.float32)
+    seen = np.zeros(E, np.int64)
+    for n, e in enumerate(flat):
+        if seen[e] < capacity:
+            keep[n] = 1.0
+        seen[e] += 1
+    return keep.reshape(idx.shape)
+
+
+@pytest.mark.parametrize("backend", ["ragged_dot", "padded", "pallas", "dense"])
+def test_capacity_drops_latest_slots(backend):
+    cf = 1.0
+    w, idx = _routing("random", seed=5)
+    capacity = int(np.ceil(cf * T * K / E))
+    keep = _kept_slots(idx, capacity)
+    assert 0 < keep.sum() < T * K  # the routing overflows some expert
+    x, wg, wu, wd, cot = _params()
+    op = lambda x, w, g, u, d: moe.routed_experts(  # noqa: E731
+        x, w, idx, g, u, d, backend=backend, capacity_factor=cf
+    )[0]
+    ref = lambda x, w, g, u, d: _reference(x, w, idx, g, u, d, keep)  # noqa: E731
+    y, grads = _value_and_grads(op, x, w, wg, wu, wd, cot)
+    y_ref, grads_ref = _value_and_grads(ref, x, w, wg, wu, wd, cot)
+    _assert_close(y, y_ref, 1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        _assert_close(g, g_ref, 1e-5)
+    _, stats = moe.routed_experts(x, w, idx, wg, wu, wd, backend=backend, capacity_factor=cf)
+    assert float(stats["dropped_fraction"]) == pytest.approx(1 - keep.sum() / (T * K), abs=1e-7)
+    np.testing.assert_array_equal(
+        stats["tokens_per_expert_E"], np.bincount(idx.reshape(-1), minlength=E)
+    )
+
+
+def test_dropless_stats():
+    x, wg, wu, wd, _ = _params()
+    w, idx = _routing("skewed")
+    _, stats = moe.routed_experts(x, w, idx, wg, wu, wd)
+    assert float(stats["dropped_fraction"]) == 0.0
+    assert stats["tokens_per_expert_E"].dtype == jnp.int32
+    np.testing.assert_array_equal(stats["tokens_per_expert_E"], np.eye(E, dtype=int)[3] * T * K)
+
+
+MESHES = [
+    ((8,), ("expert",)),
+    ((2, 4), ("data", "expert")),
+    ((2, 2, 2), ("fsdp", "expert", "data")),
+]
+
+
+@pytest.mark.parametrize("mesh_shape,names", MESHES)
+@pytest.mark.parametrize("kind", ["balanced", "skewed"])
+def test_expert_parallel_matches_single_device(mesh_shape, names, kind):
+    mesh = jax.make_mesh(mesh_shape, names, axis_types=(AxisType.Explicit,) * len(names))
+    x, wg, wu, wd, cot = _params()
+    w, idx = _routing(kind)
+    single = lambda *a: moe.routed_experts(a[0], a[1], idx, *a[2:])[0]  # noqa: E731
+    sharded = lambda *a: moe.routed_experts(a[0], a[1], idx, *a[2:], mesh=mesh)[0]  # noqa: E731
+    y_ref, grads_ref = _value_and_grads(single, x, w, wg, wu, wd, cot)
+    with jax.set_mesh(mesh):
+        y, grads = _value_and_grads(sharded, x, w, wg, wu, wd, cot)
+        _, stats = jax.jit(lambda *a: moe.routed_experts(*a, mesh=mesh))(x, w, idx, wg, wu, wd)
+    _assert_close(y, y_ref, 1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        _assert_close(g, g_ref, 1e-5)
+    np.testing.assert_array_equal(
+        stats["tokens_per_expert_E"], np.bincount(idx.reshape(-1), minlength=E)
+    )
+    assert float(stats["dropped_fraction"]) == 0.0
+    if mesh.shape["expert"] > 2:  # two shards have no fast path (its chunk would be the worst case)
+        assert float(stats["ep_safe_path"]) == (1.0 if kind == "skewed" else 0.0)
+
+
+def test_expert_parallel_capacity_matches_single_device():
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(AxisType.Auto,))
+    x, wg, wu, wd, _ = _params()
+    w, idx = _routing("random", seed=5)
+    y_ref, st_ref = moe.routed_experts(x, w, idx, wg, wu, wd, capacity_factor=1.0)
+    y, st = jax.jit(lambda *a: moe.routed_experts(*a, capacity_factor=1.0, mesh=mesh))(
+        x, w, idx, wg, wu, wd
+    )
+    assert float(st_ref["dropped_fraction"]) > 0
+    _assert_close(y, y_ref, 1e-5)
+    assert float(st["dropped_fraction"]) == pytest.approx(float(st_ref["dropped_fraction"]))
+
+
+@pytest.mark.slow
+def test_expert_parallel_pallas_backend():
+    mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+    x, wg, wu, wd, cot = _params()
+    w, idx = _routing("random")
+    single = lambda *a: moe.routed_experts(a[0], a[1], idx, *a[2:])[0]  # noqa: E731
+    sharded = (
+        lambda *a: moe.routed_experts(  # noqa: E731
+            a[0], a[1], idx, *a[2:], mesh=mesh, backend="pallas"
+        )[0]
+    )
+    y_ref, grads_ref = _value_and_grads(single, x, w, wg, wu, wd, cot)
+    y, grads = _value_and_grads(sharded, x, w, wg, wu, wd, cot)
+    _assert_close(y, y_ref, 1e-5)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        _assert_close(g, g_ref, 1e-5)
+
+
+def test_router_topk_matches_numpy():
+    logits = jax.random.normal(jax.random.key(3), (T, E), jnp.bfloat16)
+    for norm in (True, False):
+        w, idx, probs = moe.router_topk(logits, K, norm_topk_prob=norm)
+        z = np.asarray(logits, np.float64)
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        top = np.argsort(-p, axis=-1, kind="stable")[:, :K]
+        pw = np.take_along_axis(p, top, -1)
+        if norm:
+            pw = pw / pw.sum(-1, keepdims=True)
+        assert w.dtype == jnp.float32 and probs.dtype == jnp.float32 and idx.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(idx), top)
+        np.testing.assert_allclose(np.asarray(w), pw, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(probs), p, rtol=1e-5)
+
+
+def test_load_balancing_terms():
+    # Uniform: every expert gets the same share of slots and of probability mass.
+    probs = jnp.full((T, E), 1.0 / E)
+    _, idx = _routing("balanced")
+    f, p = moe.load_balancing_terms(probs, idx, E)
+    assert float(E * jnp.sum(f * p)) == pytest.approx(1.0, rel=1e-6)
+
+    _, idx, probs = moe.router_topk(jax.random.normal(jax.random.key(4), (T, E)), K)
+    mask = np.arange(T) % 3 != 0
+    f, p = moe.load_balancing_terms(probs, idx, E, mask_T=jnp.asarray(mask))
+    idx_np, probs_np = np.asarray(idx)[mask], np.asarray(probs)[mask]
+    f_np = np.bincount(idx_np.reshape(-1), minlength=E) / (K * mask.sum())
+    np.testing.assert_allclose(np.asarray(f), f_np, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(p), probs_np.mean(0), rtol=1e-5)
+    assert float(jnp.sum(f)) == pytest.approx(1.0)
+
+
+def _all_shapes(jaxpr):
+    """Output shapes of every equation, recursing into sub-jaxprs (pjit, custom_vjp, cond, ...)."""
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            yield tuple(getattr(v.aval, "shape", ()))
+        for param in eqn.params.values():
+            for j in param if isinstance(param, (tuple, list)) else (param,):
+                j = getattr(j, "jaxpr", j)  # ClosedJaxpr -> Jaxpr
+                if hasattr(j, "eqns"):
+                    yield from _all_shapes(j)
+
+
+def _one_hot_like_shapes(backend):
+    """2-D arrays pairing a token/slot axis with the expert axis in the jaxpr of the gradient."""
+    x, wg, wu, wd, cot = _params()
+    w, idx = _routing("random")
+
+    def loss(x, w, g, u, d):
+        return jnp.sum(moe.routed_experts(x, w, idx, g, u, d, backend=backend)[0] * cot)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=range(5)))(x, w, wg, wu, wd).jaxpr
+    shapes = list(_all_shapes(jaxpr))
+    assert len(shapes) > 20
+    return [s for s in shapes if len(s) == 2 and E in s and ({T, T * K} & set(s))]
+
+
+@pytest.mark.parametrize("backend", ["ragged_dot", "padded", "pallas"])
+def test_backward_has_no_one_hot(backend):
+    assert not _one_hot_like_shapes(backend)
+
+
+def test_one_hot_detector_flags_dense_backend():
+    # The dense reference masks every expert over every row: the detector must see it.
+    assert _one_hot_like_shapes("dense")
+
+
+def test_unknown_backend_and_missing_tokamax():
+    x, wg, wu, wd, _ = _params()
+    w, idx = _routing("random")
+    with pytest.raises(ValueError, match="unknown MoE backend"):
+        moe.routed_experts(x, w, idx, wg, wu, wd, backend="cuda")
+    try:
+        import tokamax  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install tokamax"):
+            moe.routed_experts(x, w, idx, wg, wu, wd, backend="tokamax")
