@@ -36,7 +36,9 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.nonfinite = "stop"  # stop | skip (skip the update of a step with a non-finite gradient)
-    c.init_from = ""  # an Orbax checkpoint folder to start from (e.g. from `python -m qwen3next_jax.hf`)
+    c.init_from = (
+        ""  # an Orbax checkpoint folder to start from (e.g. from `python -m qwen3next_jax.hf`)
+    )
     c.distributed = False  # call jax.distributed.initialize() (multi-host GPU / TPU pods)
 
     c.data = ml_collections.ConfigDict()

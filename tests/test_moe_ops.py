@@ -1,6 +1,8 @@
 """Routed-expert MoE op: backends vs a dense reference, capacity drops, expert parallelism, router
 helpers, and the no-one-hot property of the backward."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,16 +70,41 @@ def _numpy_reference(x, w, idx, wg, wu, wd):
     return out
 
 
-def _value_and_grads(fn, x, w, wg, wu, wd, cot):
-    """fn(x, w, wg, wu, wd) -> y; returns y and grads of sum(y * cot) wrt all five."""
+@functools.cache
+def _op_fn(backend="auto", capacity_factor=None, mesh=None):
+    """jit(value_and_grad) of sum(y * cot) for the op; idx is an argument, so every routing of
+    the same shapes reuses one compilation. Returns ((loss, (y, stats)), grads of x, w, wg, wu, wd)."""
 
-    def loss(*args):
-        y = fn(*args)
-        return jnp.sum(y.astype(jnp.float32) * cot), y
+    def loss(x, w, idx, wg, wu, wd, cot):
+        y, stats = moe.routed_experts(
+            x, w, idx, wg, wu, wd, backend=backend, capacity_factor=capacity_factor, mesh=mesh
+        )
+        return jnp.sum(y.astype(jnp.float32) * cot), (y, stats)
 
-    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))(
-        x, w, wg, wu, wd
-    )
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5), has_aux=True))
+
+
+@functools.cache
+def _ref_fn():
+    def loss(x, w, idx, wg, wu, wd, cot, keep_TK):
+        y = _reference(x, w, idx, wg, wu, wd, keep_TK)
+        return jnp.sum(y * cot), (y, None)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5), has_aux=True))
+
+
+def _run_op(kind, seed=1, **op_kw):
+    x, wg, wu, wd, cot = _params()
+    w, idx = _routing(kind, seed)
+    (_, (y, stats)), grads = _op_fn(**op_kw)(x, w, idx, wg, wu, wd, cot)
+    return y, stats, grads
+
+
+def _run_ref(kind, seed=1, keep_TK=None):
+    x, wg, wu, wd, cot = _params()
+    w, idx = _routing(kind, seed)
+    keep_TK = jnp.ones((T, K)) if keep_TK is None else jnp.asarray(keep_TK)
+    (_, (y, _)), grads = _ref_fn()(x, w, idx, wg, wu, wd, cot, keep_TK)
     return y, grads
 
 
@@ -87,41 +114,33 @@ def _assert_close(got, want, tol):
     np.testing.assert_allclose(got, want, atol=tol * scale, rtol=tol)
 
 
-def _check_against_reference(backend, kind, capacity_factor=None, keep=None):
-    x, wg, wu, wd, cot = _params()
-    w, idx = _routing(kind)
-    op = lambda x, w, g, u, d: moe.routed_experts(  # noqa: E731
-        x, w, idx, g, u, d, backend=backend, capacity_factor=capacity_factor
-    )[0]
-    ref = lambda x, w, g, u, d: _reference(x, w, idx, g, u, d, keep)  # noqa: E731
-    y, grads = _value_and_grads(op, x, w, wg, wu, wd, cot)
-    y_ref, grads_ref = _value_and_grads(ref, x, w, wg, wu, wd, cot)
-    _assert_close(y, y_ref, 1e-5)
-    for name, g, g_ref in zip(
-        ("x", "weights", "w_gate", "w_up", "w_down"), grads, grads_ref, strict=True
-    ):
+def _assert_same(got, want, tol=1e-5):
+    (y, grads), (y_ref, grads_ref) = got, want
+    _assert_close(y, y_ref, tol)
+    names = ("x", "weights", "w_gate", "w_up", "w_down")
+    for name, g, g_ref in zip(names, grads, grads_ref, strict=True):
         assert np.abs(np.asarray(g_ref)).max() > 0, name
-        _assert_close(g, g_ref, 1e-5)
-    return y
+        _assert_close(g, g_ref, tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["random", "skewed"])
-def test_backend_matches_dense_reference(backend, kind):
-    y = _check_against_reference(backend, kind)
-    if kind == "random":
-        x, wg, wu, wd, _ = _params()
-        w, idx = _routing(kind)
-        np.testing.assert_allclose(
-            np.asarray(y), _numpy_reference(x, w, idx, wg, wu, wd), atol=1e-5, rtol=1e-5
-        )
+def test_backend_matches_dense_reference(backend):
+    for kind in ("random", "skewed"):
+        y, _, grads = _run_op(kind, backend=backend)
+        _assert_same((y, grads), _run_ref(kind))
+    x, wg, wu, wd, _ = _params()
+    w, idx = _routing("random")
+    y, _, _ = _run_op("random", backend=backend)
+    np.testing.assert_allclose(
+        np.asarray(y), _numpy_reference(x, w, idx, wg, wu, wd), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("backend", ["ragged_dot", "pallas"])
 def test_bf16_close_to_fp32_reference(backend):
     x, wg, wu, wd, _ = _params(dtype=jnp.bfloat16)
     w, idx = _routing("random")
-    y, stats = moe.routed_experts(x, w, idx, wg, wu, wd, backend=backend)
+    y, _ = jax.jit(lambda *a: moe.routed_experts(*a, backend=backend))(x, w, idx, wg, wu, wd)
     assert y.dtype == jnp.bfloat16
     _assert_close(y, _reference(x, w, idx, wg, wu, wd), 3e-2)
 
@@ -141,31 +160,18 @@ def _kept_slots(idx, capacity):
 @pytest.mark.parametrize("backend", ["ragged_dot", "padded", "pallas", "dense"])
 def test_capacity_drops_latest_slots(backend):
     cf = 1.0
-    w, idx = _routing("random", seed=5)
-    capacity = int(np.ceil(cf * T * K / E))
-    keep = _kept_slots(idx, capacity)
+    _, idx = _routing("random", seed=5)
+    keep = _kept_slots(idx, int(np.ceil(cf * T * K / E)))
     assert 0 < keep.sum() < T * K  # the routing overflows some expert
-    x, wg, wu, wd, cot = _params()
-    op = lambda x, w, g, u, d: moe.routed_experts(  # noqa: E731
-        x, w, idx, g, u, d, backend=backend, capacity_factor=cf
-    )[0]
-    ref = lambda x, w, g, u, d: _reference(x, w, idx, g, u, d, keep)  # noqa: E731
-    y, grads = _value_and_grads(op, x, w, wg, wu, wd, cot)
-    y_ref, grads_ref = _value_and_grads(ref, x, w, wg, wu, wd, cot)
-    _assert_close(y, y_ref, 1e-5)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        _assert_close(g, g_ref, 1e-5)
-    _, stats = moe.routed_experts(x, w, idx, wg, wu, wd, backend=backend, capacity_factor=cf)
+    y, stats, grads = _run_op("random", seed=5, backend=backend, capacity_factor=cf)
+    _assert_same((y, grads), _run_ref("random", seed=5, keep_TK=keep))
     assert float(stats["dropped_fraction"]) == pytest.approx(1 - keep.sum() / (T * K), abs=1e-7)
-    np.testing.assert_array_equal(
-        stats["tokens_per_expert_E"], np.bincount(idx.reshape(-1), minlength=E)
-    )
+    counts = np.bincount(np.asarray(idx).reshape(-1), minlength=E)
+    np.testing.assert_array_equal(stats["tokens_per_expert_E"], counts)
 
 
 def test_dropless_stats():
-    x, wg, wu, wd, _ = _params()
-    w, idx = _routing("skewed")
-    _, stats = moe.routed_experts(x, w, idx, wg, wu, wd)
+    _, stats, _ = _run_op("skewed")
     assert float(stats["dropped_fraction"]) == 0.0
     assert stats["tokens_per_expert_E"].dtype == jnp.int32
     np.testing.assert_array_equal(stats["tokens_per_expert_E"], np.eye(E, dtype=int)[3] * T * K)
@@ -179,57 +185,37 @@ MESHES = [
 
 
 @pytest.mark.parametrize("mesh_shape,names", MESHES)
-@pytest.mark.parametrize("kind", ["balanced", "skewed"])
-def test_expert_parallel_matches_single_device(mesh_shape, names, kind):
+def test_expert_parallel_matches_single_device(mesh_shape, names):
     mesh = jax.make_mesh(mesh_shape, names, axis_types=(AxisType.Explicit,) * len(names))
-    x, wg, wu, wd, cot = _params()
-    w, idx = _routing(kind)
-    single = lambda *a: moe.routed_experts(a[0], a[1], idx, *a[2:])[0]  # noqa: E731
-    sharded = lambda *a: moe.routed_experts(a[0], a[1], idx, *a[2:], mesh=mesh)[0]  # noqa: E731
-    y_ref, grads_ref = _value_and_grads(single, x, w, wg, wu, wd, cot)
-    with jax.set_mesh(mesh):
-        y, grads = _value_and_grads(sharded, x, w, wg, wu, wd, cot)
-        _, stats = jax.jit(lambda *a: moe.routed_experts(*a, mesh=mesh))(x, w, idx, wg, wu, wd)
-    _assert_close(y, y_ref, 1e-5)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        _assert_close(g, g_ref, 1e-5)
-    np.testing.assert_array_equal(
-        stats["tokens_per_expert_E"], np.bincount(idx.reshape(-1), minlength=E)
-    )
-    assert float(stats["dropped_fraction"]) == 0.0
-    if mesh.shape["expert"] > 2:  # two shards have no fast path (its chunk would be the worst case)
-        assert float(stats["ep_safe_path"]) == (1.0 if kind == "skewed" else 0.0)
+    for kind in ("balanced", "skewed"):
+        y_ref, stats_ref, grads_ref = _run_op(kind)
+        with jax.set_mesh(mesh):
+            y, stats, grads = _run_op(kind, mesh=mesh)
+        _assert_same((y, grads), (y_ref, grads_ref))
+        np.testing.assert_array_equal(
+            stats["tokens_per_expert_E"], stats_ref["tokens_per_expert_E"]
+        )
+        assert float(stats["dropped_fraction"]) == 0.0
+        if mesh.shape["expert"] > 2:  # 2 shards have no fast path: its chunk is the worst case
+            assert float(stats["ep_safe_path"]) == (1.0 if kind == "skewed" else 0.0)
 
 
+@pytest.mark.slow
 def test_expert_parallel_capacity_matches_single_device():
     mesh = jax.make_mesh((8,), ("expert",), axis_types=(AxisType.Auto,))
-    x, wg, wu, wd, _ = _params()
-    w, idx = _routing("random", seed=5)
-    y_ref, st_ref = moe.routed_experts(x, w, idx, wg, wu, wd, capacity_factor=1.0)
-    y, st = jax.jit(lambda *a: moe.routed_experts(*a, capacity_factor=1.0, mesh=mesh))(
-        x, w, idx, wg, wu, wd
-    )
+    y_ref, st_ref, grads_ref = _run_op("random", seed=5, capacity_factor=1.0)
+    y, st, grads = _run_op("random", seed=5, capacity_factor=1.0, mesh=mesh)
     assert float(st_ref["dropped_fraction"]) > 0
-    _assert_close(y, y_ref, 1e-5)
+    _assert_same((y, grads), (y_ref, grads_ref))
     assert float(st["dropped_fraction"]) == pytest.approx(float(st_ref["dropped_fraction"]))
 
 
 @pytest.mark.slow
 def test_expert_parallel_pallas_backend():
     mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
-    x, wg, wu, wd, cot = _params()
-    w, idx = _routing("random")
-    single = lambda *a: moe.routed_experts(a[0], a[1], idx, *a[2:])[0]  # noqa: E731
-    sharded = (
-        lambda *a: moe.routed_experts(  # noqa: E731
-            a[0], a[1], idx, *a[2:], mesh=mesh, backend="pallas"
-        )[0]
-    )
-    y_ref, grads_ref = _value_and_grads(single, x, w, wg, wu, wd, cot)
-    y, grads = _value_and_grads(sharded, x, w, wg, wu, wd, cot)
-    _assert_close(y, y_ref, 1e-5)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        _assert_close(g, g_ref, 1e-5)
+    y_ref, _, grads_ref = _run_op("random")
+    y, _, grads = _run_op("random", backend="pallas", mesh=mesh)
+    _assert_same((y, grads), (y_ref, grads_ref))
 
 
 def test_router_topk_matches_numpy():

@@ -23,7 +23,8 @@ two static sizes:
   safe: S = T_local * K (every local slot to one shard), the dropless worst case.
 `lax.cond` takes the fast path when every chunk of the group fits, else the safe path, so the op
 stays dropless-exact; the price is that XLA reserves memory for the safe path's buffers
-(P * T_local * K rows of D). Stats report which path ran (`ep_safe_path`).
+(P * T_local * K rows of D). Stats report which path ran (`ep_safe_path`; always 1 when the
+fast chunk would not be smaller, e.g. P = 2).
 A mesh whose expert axis has size 1 but whose token axes are sharded runs the same shard_map with
 no exchange: each device routes its own tokens to its full copy of the experts.
 """
@@ -114,13 +115,14 @@ def _local(x_TD, weights_TK, idx_TK, wg, wu, wd, backend, capacity):
 
 
 def _stats(counts_E, kept, num_slots, sum_axes=None, safe_path=None):
+    num_slots = jnp.asarray(num_slots, jnp.int32)
     if sum_axes:
         counts_E = jax.lax.psum(counts_E, sum_axes)
         kept = jax.lax.psum(kept, sum_axes)
-        num_slots = jax.lax.psum(jnp.asarray(num_slots, jnp.int32), sum_axes)
+        num_slots = jax.lax.psum(num_slots, sum_axes)
     stats = {
         "tokens_per_expert_E": counts_E.astype(jnp.int32),
-        "dropped_fraction": 1.0 - kept.astype(jnp.float32) / jnp.float32(num_slots),
+        "dropped_fraction": (num_slots - kept).astype(jnp.float32) / num_slots,
     }
     if safe_path is not None:
         safe_path = safe_path.astype(jnp.float32)

@@ -21,7 +21,8 @@ import numpy as np
 from qwen3next_jax import sharding
 from qwen3next_jax.data import pipeline
 from qwen3next_jax.data.corpus import builtin_corpus_dir
-from qwen3next_jax.training import checkpointing, metrics as metrics_lib, train_step
+from qwen3next_jax.training import checkpointing, train_step
+from qwen3next_jax.training import metrics as metrics_lib
 from qwen3next_jax.training.evaluate import evaluate
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,19 @@ from qwen3next_jax.training import evaluate, losses, optimizer
 
 BATCH_AXES = ("batch", "seq")
 ADDITIVE_AUX_KEYS = frozenset(
-    {"loss", "ce", "mtp_loss", "mtp_loss_per_depth", "lb_loss", "z_loss", "num_tokens", "ce_sum",
-     "ce_count", "mtp_sum", "mtp_count"}
+    {
+        "loss",
+        "ce",
+        "mtp_loss",
+        "mtp_loss_per_depth",
+        "lb_loss",
+        "z_loss",
+        "num_tokens",
+        "ce_sum",
+        "ce_count",
+        "mtp_sum",
+        "mtp_count",
+    }
 )
 
 
@@ -42,6 +53,7 @@ class Trainer:
     init: Callable[[], dict]
     train_step: Callable[[dict, dict], tuple[dict, dict]]
     eval_step: Callable[[dict, dict], dict]
+    grads_step: Callable  # (params, batch) -> (loss, aux, grads); for tests and diagnostics
     schedule: Callable
     param_paths: list[str]
 
@@ -54,9 +66,7 @@ def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
 def _param_shardings(abstract_params, mesh, rules):
     def one(var):
         axes = var.get_metadata().get("axes")
-        spec = (
-            sharding.logical_to_spec(axes, rules, mesh) if axes else PartitionSpec()
-        )
+        spec = sharding.logical_to_spec(axes, rules, mesh) if axes else PartitionSpec()
         return var.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -159,16 +169,20 @@ def build(config: ml_collections.ConfigDict, mesh) -> Trainer:
 
     def token_counts(batch):
         n_tok = jnp.sum(batch["loss_mask"]).astype(jnp.float32)
-        n_mtp = jnp.stack(
-            [
-                jnp.sum(
-                    losses.mtp_targets(
-                        batch["targets"], batch["loss_mask"], batch["segment_ids"], d
-                    )[1]
-                ).astype(jnp.float32)
-                for d in range(mcfg.num_mtp_layers)
-            ]
-        ) if mcfg.num_mtp_layers else None
+        n_mtp = (
+            jnp.stack(
+                [
+                    jnp.sum(
+                        losses.mtp_targets(
+                            batch["targets"], batch["loss_mask"], batch["segment_ids"], d
+                        )[1]
+                    ).astype(jnp.float32)
+                    for d in range(mcfg.num_mtp_layers)
+                ]
+            )
+            if mcfg.num_mtp_layers
+            else None
+        )
         return n_tok, n_mtp
 
     def routing_counts(params, mbs):
@@ -186,34 +200,38 @@ def build(config: ml_collections.ConfigDict, mesh) -> Trainer:
         (counts, toks), _ = jax.lax.scan(one, zero, mbs)
         return jax.lax.stop_gradient(counts), jax.lax.stop_gradient(toks)
 
-    def train_step_fn(state, batch):
-        params = state["params"]
+    def compute_grads(params, batch):
+        """(loss, aux, grads) of the whole global batch; micro-batches are accumulated exactly."""
         n_tok, n_mtp = token_counts(batch)
         if micro == 1:
             (loss, aux), grads = grad_fn(params, batch, None, None, n_tok, n_mtp)
-        else:
-            mbs = split_micro(batch)
-            gc, gt = routing_counts(params, mbs) if global_lb else (None, None)
+            return loss, aux, grads
+        mbs = split_micro(batch)
+        gc, gt = routing_counts(params, mbs) if global_lb else (None, None)
 
-            def acc(carry, mb):
-                g_acc, l_acc, aux_acc = carry
-                (l, a), g = grad_fn(params, mb, gc, gt, n_tok, n_mtp)
-                g_acc = jax.tree.map(jnp.add, g_acc, g)
-                aux_acc = jax.tree.map(jnp.add, aux_acc, a)
-                return (g_acc, l_acc + l, aux_acc), None
+        def acc(carry, mb):
+            g_acc, l_acc, aux_acc = carry
+            (l, a), g = grad_fn(params, mb, gc, gt, n_tok, n_mtp)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            aux_acc = jax.tree.map(jnp.add, aux_acc, a)
+            return (g_acc, l_acc + l, aux_acc), None
 
-            zeros_g = jax.tree.map(jnp.zeros_like, params)
-            aux_shape = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda a: a[0], mbs),
-                                                       gc, gt, n_tok, n_mtp)[0][1])
-            zeros_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-            (grads, loss, aux), _ = jax.lax.scan(acc, (zeros_g, 0.0, zeros_aux), mbs)
-            # Terms normalised by global counts add up over micro-batches; ratios are averaged.
-            additive = ADDITIVE_AUX_KEYS if global_lb else ADDITIVE_AUX_KEYS - {"lb_loss", "z_loss"}
-            aux = {k: v if k in additive else v / micro for k, v in aux.items()}
+        first = jax.tree.map(lambda a: a[0], mbs)
+        aux_shape = jax.eval_shape(lambda: grad_fn(params, first, gc, gt, n_tok, n_mtp)[0][1])
+        zeros_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+        zeros_g = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros_g, jnp.zeros((), jnp.float32), zeros_aux)
+        (grads, loss, aux), _ = jax.lax.scan(acc, init, mbs)
+        # Terms normalised by global counts add up over micro-batches; ratios are averaged.
+        additive = ADDITIVE_AUX_KEYS if global_lb else ADDITIVE_AUX_KEYS - {"lb_loss", "z_loss"}
+        aux = {k: v if k in additive else v / micro for k, v in aux.items()}
+        return loss, aux, grads
+
+    def train_step_fn(state, batch):
+        params = state["params"]
+        loss, aux, grads = compute_grads(params, batch)
         grad_norm = optax.global_norm(grads)
-        leaf_finite = jnp.stack(
-            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
-        )
+        leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
         finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
         updates, new_opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
@@ -249,6 +267,9 @@ def build(config: ml_collections.ConfigDict, mesh) -> Trainer:
     def eval_step_fn(params, batch):
         return evaluate.eval_sums(nnx.merge(graphdef, params), batch)
 
+    grads_step = jax.jit(
+        with_mesh(compute_grads), in_shardings=(params_sh, batch_sh), out_shardings=replicated
+    )
     eval_step = jax.jit(
         with_mesh(eval_step_fn), in_shardings=(params_sh, batch_sh), out_shardings=replicated
     )
@@ -261,6 +282,7 @@ def build(config: ml_collections.ConfigDict, mesh) -> Trainer:
         init=init,
         train_step=train_step,
         eval_step=eval_step,
+        grads_step=grads_step,
         schedule=schedule,
         param_paths=param_paths,
     )

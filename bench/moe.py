@@ -1,0 +1,623 @@
+"""MoE layer benchmark at Qwen3-Next-80B shapes (hidden 2048, 512 experts, top-10, width 512, bf16).
+
+    python3 bench/moe.py                # one GPU: every backend vs HF's Qwen3NextSparseMoeBlock
+    python3 bench/moe.py --ep           # all visible GPUs: expert-parallel per-GPU throughput
+    python3 bench/moe.py --check        # correctness of the GPU backends vs references, then exit
+    python3 bench/moe.py --sweep        # Pallas block-size sweep at 32K tokens, fwd+bwd
+
+The layer = router (fp32 softmax, top-10, renormalised) + routed experts (qwen3next_jax.ops.moe)
++ sigmoid-gated shared expert, written inline with jnp. TFLOP/s count only the routed experts'
+matmuls: tokens x 10 x 6 x 2048 x 512 per forward, x3 for forward+backward; "% mm" divides by an
+8192^3 bf16 matmul measured in the same run. Times are medians after warm-up. The markdown table
+is printed last and written to $OUT/moe_bench.md (default ./out).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch runs in the same host
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+HIDDEN, EXPERTS, TOPK, WIDTH = 2048, 512, 10, 512
+
+
+def expert_flops(tokens: int, mode: str) -> float:
+    return tokens * TOPK * 6 * HIDDEN * WIDTH * (3 if mode == "fwd+bwd" else 1)
+
+
+# --------------------------------------------------------------------------- HF torch reference
+def hf_main(tokens_list, steps, experts_impl):
+    """Runs in a child process (so torch and JAX don't share an allocator); prints JSON.
+    experts_impl: transformers' experts backend ('grouped_mm'; 'eager' = its per-expert loop)."""
+    import torch
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMoeBlock
+
+    cfg = Qwen3NextConfig(
+        hidden_size=HIDDEN,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOPK,
+        moe_intermediate_size=WIDTH,
+        shared_expert_intermediate_size=WIDTH,
+        norm_topk_prob=True,
+    )
+    cfg._experts_implementation = experts_impl  # read by the experts module at forward time
+    block = Qwen3NextSparseMoeBlock(cfg).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    out = {"experts_implementation": str(getattr(cfg, "_experts_implementation", None))}
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(steps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        return statistics.median(ts)
+
+    for t in tokens_list:
+        x = torch.randn(1, t, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        cot = torch.randn(1, t, HIDDEN, device="cuda", dtype=torch.bfloat16)
+
+        def fwd(x=x):
+            with torch.no_grad():
+                block(x)
+
+        def fwd_bwd(x=x, cot=cot):
+            y = block(x)
+            y = y[0] if isinstance(y, tuple) else y
+            y.backward(cot)
+
+        try:
+            out[str(t)] = {"fwd": timed(fwd), "fwd+bwd": timed(fwd_bwd)}
+        except Exception as e:  # noqa: BLE001 - report, don't die: the JAX side still runs
+            out[str(t)] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        del x, cot
+        torch.cuda.empty_cache()
+    print("HF_JSON " + json.dumps(out), flush=True)
+
+
+def run_hf(tokens_list, steps, experts_impl):
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--hf-child",
+        "--hf-experts",
+        experts_impl,
+        "--steps",
+        str(steps),
+        "--tokens",
+        *map(str, tokens_list),
+    ]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except Exception as e:  # noqa: BLE001
+        return {"error": repr(e)}
+    for line in res.stdout.splitlines():
+        if line.startswith("HF_JSON "):
+            return json.loads(line[len("HF_JSON ") :])
+    return {"error": (res.stderr or res.stdout)[-600:]}
+
+
+# --------------------------------------------------------------------------- JAX side
+def import_tokamax() -> bool:
+    """True if tokamax imports. tokamax imports xprof only for its own profiling; where that
+    package is absent (this GPU image), a stub keeps the kernels importable."""
+    try:
+        import tokamax  # noqa: F401
+
+        return True
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("xprof"):
+            return False
+    for name in ("xprof", "xprof.cli", "xprof.cli.tools"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["xprof.cli.tools"].get_kernel_stats_tool = None
+    try:
+        import tokamax  # noqa: F401, F811
+
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def init_params(key, dtype):
+    import jax
+    import jax.numpy as jnp
+
+    ks = jax.random.split(key, 8)
+
+    def n(k, shape, fan_in):
+        return (jax.random.normal(k, shape, jnp.float32) / fan_in**0.5).astype(dtype)
+
+    return {
+        "router_DE": n(ks[0], (HIDDEN, EXPERTS), HIDDEN),
+        "gate_EDF": n(ks[1], (EXPERTS, HIDDEN, WIDTH), HIDDEN),
+        "up_EDF": n(ks[2], (EXPERTS, HIDDEN, WIDTH), HIDDEN),
+        "down_EFD": n(ks[3], (EXPERTS, WIDTH, HIDDEN), WIDTH),
+        "s_gate_DF": n(ks[4], (HIDDEN, WIDTH), HIDDEN),
+        "s_up_DF": n(ks[5], (HIDDEN, WIDTH), HIDDEN),
+        "s_down_FD": n(ks[6], (WIDTH, HIDDEN), WIDTH),
+        "s_gate_D1": n(ks[7], (HIDDEN, 1), HIDDEN),
+    }
+
+
+def moe_layer(params, x_TD, *, backend, capacity_factor=None, mesh=None):
+    import jax
+    import jax.numpy as jnp
+
+    from qwen3next_jax.ops import moe
+
+    f32 = jnp.float32
+    logits_TE = jnp.dot(x_TD, params["router_DE"], preferred_element_type=f32)
+    weights_TK, idx_TK, _ = moe.router_topk(logits_TE, TOPK)
+    y_TD, stats = moe.routed_experts(
+        x_TD,
+        weights_TK,
+        idx_TK,
+        params["gate_EDF"],
+        params["up_EDF"],
+        params["down_EFD"],
+        backend=backend,
+        capacity_factor=capacity_factor,
+        mesh=mesh,
+    )
+    g = jnp.dot(x_TD, params["s_gate_DF"], preferred_element_type=f32)
+    u = jnp.dot(x_TD, params["s_up_DF"], preferred_element_type=f32)
+    s_TD = jnp.dot(
+        (jax.nn.silu(g) * u).astype(x_TD.dtype), params["s_down_FD"], preferred_element_type=f32
+    )
+    gate_T1 = jax.nn.sigmoid(jnp.dot(x_TD, params["s_gate_D1"], preferred_element_type=f32))
+    return (y_TD.astype(f32) + gate_T1 * s_TD).astype(x_TD.dtype), stats
+
+
+def make_fns(backend, capacity_factor=None, mesh=None):
+    import jax
+    import jax.numpy as jnp
+
+    def fwd(params, x, cot):
+        return moe_layer(params, x, backend=backend, capacity_factor=capacity_factor, mesh=mesh)
+
+    def loss(params, x, cot):
+        y, stats = fwd(params, x, cot)
+        return jnp.sum(y.astype(jnp.float32) * cot), stats
+
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    return jax.jit(fwd), jax.jit(grad)
+
+
+def time_ms(fn, args, steps, warmup=2):
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    print(f"  first call (compile + run) {time.perf_counter() - t0:.1f} s", flush=True)
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def matmul_tflops(steps):
+    import jax
+    import jax.numpy as jnp
+
+    n = 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    ms = time_ms(jax.jit(jnp.dot), (a, b), steps)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def inputs(tokens, key=0, dtype=None):
+    import jax
+    import jax.numpy as jnp
+
+    dtype = dtype or jnp.bfloat16
+    kx, kc = jax.random.split(jax.random.key(key + 1))
+    x = jax.random.normal(kx, (tokens, HIDDEN), jnp.float32).astype(dtype)
+    cot = jax.random.normal(kc, (tokens, HIDDEN), jnp.float32)
+    return x, cot
+
+
+def backends_to_run(names):
+    out = []
+    for name in names:
+        if name == "tokamax" and not import_tokamax():
+            print("tokamax not importable: skipped", flush=True)
+            continue
+        out.append(name)
+    return out
+
+
+def label(backend, cf):
+    return backend if cf is None else f"{backend} (cf {cf}, drops)"
+
+
+def bench_single(args, mm_rate):
+    import jax
+
+    params = init_params(jax.random.key(0), jax.numpy.bfloat16)
+    rows = []
+    configs = [(b, None) for b in backends_to_run(args.backends)]
+    if args.padded_cf:
+        configs.append(("padded", args.padded_cf))
+    for tokens in args.tokens:
+        x, cot = inputs(tokens)
+        for backend, cf in configs:
+            row = {"tokens": tokens, "impl": label(backend, cf)}
+            try:
+                fwd, grad = make_fns(backend, cf)
+                _, stats = fwd(params, x, cot)
+                row["dropped"] = float(stats["dropped_fraction"])
+                row["fwd"] = time_ms(fwd, (params, x, cot), args.steps)
+                row["fwd+bwd"] = time_ms(grad, (params, x, cot), args.steps)
+            except Exception as e:  # noqa: BLE001 - a failing backend is a result too
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def bench_ep(args):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("expert",), axis_types=(jax.sharding.AxisType.Explicit,))
+    backend = args.backends[0]
+    params = init_params(jax.random.key(0), jnp.bfloat16)
+    rows = []
+    for tokens in args.tokens:
+        row = {"tokens_per_gpu": tokens, "gpus": n, "impl": backend}
+        try:
+            x1, cot1 = inputs(tokens)
+            _, grad1 = make_fns(backend)
+            row["1gpu_fwd+bwd"] = time_ms(grad1, (params, x1, cot1), args.steps)
+            xg, cotg = inputs(tokens * n)
+            with jax.set_mesh(mesh):
+                shard = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+                p = {
+                    k: shard(v, P("expert") if k.endswith(("EDF", "EFD")) else P())
+                    for k, v in params.items()
+                }
+                xg, cotg = shard(xg, P("expert")), shard(cotg, P("expert"))
+                fwd, grad = make_fns(backend, mesh=mesh)
+                _, stats = fwd(p, xg, cotg)
+                row["ep_safe_path"] = float(stats["ep_safe_path"])
+                row["ep_fwd+bwd"] = time_ms(grad, (p, xg, cotg), args.steps)
+            row["per_gpu_throughput_vs_1gpu"] = row["1gpu_fwd+bwd"] / row["ep_fwd+bwd"]
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def check(args):
+    """GPU backends vs references: small fp32/bf16 problems (outputs + grads), then the real
+    shape against the capacity-padded einsum with a capacity large enough to drop nothing."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qwen3next_jax.ops import moe
+
+    jax.config.update("jax_default_matmul_precision", "highest")  # fp32 references, not TF32
+    ok = True
+    backends = backends_to_run(args.backends)
+    for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)):
+        t, d, f, e, k = 512, 256, 128, 64, 4
+        ks = jax.random.split(jax.random.key(7), 6)
+        x = jax.random.normal(ks[0], (t, d)).astype(dtype)
+        w, idx, _ = moe.router_topk(jax.random.normal(ks[1], (t, e)), k)
+        wg = (jax.random.normal(ks[2], (e, d, f)) / d**0.5).astype(dtype)
+        wu = (jax.random.normal(ks[3], (e, d, f)) / d**0.5).astype(dtype)
+        wd = (jax.random.normal(ks[4], (e, f, d)) / f**0.5).astype(dtype)
+        cot = jax.random.normal(ks[5], (t, d))
+
+        def vg(backend, x=x, w=w, idx=idx, wg=wg, wu=wu, wd=wd, cot=cot):
+            def loss(x, w, wg, wu, wd):
+                y = moe.routed_experts(x, w, idx, wg, wu, wd, backend=backend)[0]
+                return jnp.sum(y.astype(jnp.float32) * cot), y
+
+            fn = jax.jit(jax.value_and_grad(loss, argnums=range(5), has_aux=True))
+            (_, y), g = fn(x, w, wg, wu, wd)
+            return [y, *g]
+
+        ref = vg("dense")
+        for backend in backends:
+            try:
+                got = vg(backend)
+                errs = [
+                    float(
+                        jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                        / (float(jnp.max(jnp.abs(b.astype(jnp.float32)))) + 1e-30)
+                    )
+                    for a, b in zip(got, ref, strict=True)
+                ]
+                good = max(errs) < tol
+            except Exception as ex:  # noqa: BLE001
+                errs, good = repr(ex)[:300], False
+            ok &= good
+            print(
+                f"check {backend} {jnp.dtype(dtype).name} small y,dx,dw,dWg,dWu,dWd rel err: "
+                f"{errs} {'PASS' if good else 'FAIL'}",
+                flush=True,
+            )
+
+    params = init_params(jax.random.key(0), jnp.bfloat16)
+    x, cot = inputs(8192)
+    fwd_ref, grad_ref = make_fns("padded", capacity_factor=4.0)
+    y_ref, st = fwd_ref(params, x, cot)
+    g_ref = grad_ref(params, x, cot)[0]
+    print(f"check padded cf=4 dropped={float(st['dropped_fraction'])}", flush=True)
+    for backend in backends:
+        try:
+            fwd, grad = make_fns(backend)
+            y = fwd(params, x, cot)[0]
+            g = grad(params, x, cot)[0]
+            rel = lambda a, b: float(  # noqa: E731
+                jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                / jnp.max(jnp.abs(b.astype(jnp.float32)))
+            )
+            errs = {"y": rel(y, y_ref), "dx": rel(g[1], g_ref[1])}
+            errs.update({k: rel(g[0][k], g_ref[0][k]) for k in ("gate_EDF", "up_EDF", "down_EFD")})
+            good = max(errs.values()) < 3e-2
+        except Exception as ex:  # noqa: BLE001
+            errs, good = repr(ex)[:300], False
+        ok &= good
+        print(
+            f"check {backend} bf16 8192 tokens x 512 experts vs padded: {errs} "
+            f"{'PASS' if good else 'FAIL'}",
+            flush=True,
+        )
+    del np
+    return ok
+
+
+def sweep(args):
+    import jax
+
+    from qwen3next_jax.ops import moe_pallas
+
+    params = init_params(jax.random.key(0), jax.numpy.bfloat16)
+    x, cot = inputs(32768)
+    base = {
+        k: getattr(moe_pallas, k)
+        for k in ("TILE_M", "TGMM_ROWS", "BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
+    }
+    configs = [
+        {},
+        {"NUM_STAGES": 4},
+        {"TILE_M": 64},
+        {"BLOCK_K": 32, "NUM_STAGES": 5},
+        {"NUM_WARPS": 4},
+        {"BLOCK_N": 64, "NUM_WARPS": 4},
+    ]
+    for cfg in configs[: args.sweep_n]:
+        for k, v in {**base, **cfg}.items():
+            setattr(moe_pallas, k, v)
+        try:
+            _, grad = make_fns("pallas")
+            res = {"fwd+bwd": time_ms(grad, (params, x, cot), 5)}
+        except Exception as e:  # noqa: BLE001
+            res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        print("sweep", json.dumps({**base, **cfg}), json.dumps(res), flush=True)
+    for k, v in base.items():
+        setattr(moe_pallas, k, v)
+
+
+def breakdown(args):
+    """Times each part of the layer alone (jitted separately, so fusion across parts is lost)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen3next_jax.ops import moe, moe_dispatch, moe_experts
+
+    f32 = jnp.float32
+    tokens, backend = args.tokens[0], args.backends[0]
+    params = init_params(jax.random.key(0), jnp.bfloat16)
+    x, cot = inputs(tokens)
+    wts = (params["gate_EDF"], params["up_EDF"], params["down_EFD"])
+    rows, start_fn = moe_experts.row_layout(backend, tokens * TOPK, EXPERTS, None)
+
+    def router(p, x):
+        logits = jnp.dot(x, p["router_DE"], preferred_element_type=f32)
+        return moe.router_topk(logits, TOPK)[:2]
+
+    def place(idx):
+        pl = moe_dispatch.place_by_group(idx.reshape(-1), EXPERTS, rows, start_fn)
+        return pl.pos_N.reshape(tokens, TOPK), pl.src_R, pl.sizes_G, pl.start_G
+
+    def experts(x_RD, w, sizes, start):
+        return moe_experts.grouped_swiglu(x_RD, sizes, start, *w, backend=backend)
+
+    def experts_loss(x_RD, w, sizes, start, cot_RD):
+        return jnp.sum(experts(x_RD, w, sizes, start).astype(f32) * cot_RD)
+
+    def combine(y_RD, w_TK, pos, src):
+        return moe_dispatch.combine(y_RD, w_TK, pos, src, x.dtype)
+
+    def combine_loss(y_RD, w_TK, pos, src):
+        return jnp.sum(combine(y_RD, w_TK, pos, src).astype(f32) * cot)
+
+    def shared(p, x):
+        g = jnp.dot(x, p["s_gate_DF"], preferred_element_type=f32)
+        u = jnp.dot(x, p["s_up_DF"], preferred_element_type=f32)
+        s = jnp.dot((jax.nn.silu(g) * u).astype(x.dtype), p["s_down_FD"])
+        return jax.nn.sigmoid(jnp.dot(x, p["s_gate_D1"], preferred_element_type=f32)) * s
+
+    w_TK, idx = jax.jit(router)(params, x)
+    pos, src, sizes, start = jax.jit(place)(idx)
+    x_RD = jax.jit(moe_dispatch.dispatch)(x, src, pos)
+    y_RD = jax.jit(experts)(x_RD, wts, sizes, start)
+    cot_RD = jnp.ones_like(y_RD)
+    fwd, grad = make_fns(backend)
+    parts = [
+        ("router + top-k", jax.jit(router), (params, x)),
+        ("sort + placement", jax.jit(place), (idx,)),
+        ("dispatch gather", jax.jit(moe_dispatch.dispatch), (x, src, pos)),
+        ("experts fwd", jax.jit(experts), (x_RD, wts, sizes, start)),
+        (
+            "experts fwd+bwd",
+            jax.jit(jax.grad(experts_loss, (0, 1))),
+            (x_RD, wts, sizes, start, cot_RD),
+        ),
+        ("combine fwd", jax.jit(combine), (y_RD, w_TK, pos, src)),
+        ("combine fwd+bwd", jax.jit(jax.grad(combine_loss, (0, 1))), (y_RD, w_TK, pos, src)),
+        ("shared expert fwd", jax.jit(shared), (params, x)),
+        ("layer fwd", fwd, (params, x, cot)),
+        ("layer fwd+bwd", grad, (params, x, cot)),
+    ]
+    lines = [f"breakdown, {tokens} tokens, backend {backend}", "| part | ms |", "|---|---|"]
+    for name, fn, a in parts:
+        try:
+            lines.append(f"| {name} | {time_ms(fn, a, args.steps):.2f} |")
+        except Exception as e:  # noqa: BLE001
+            lines.append(f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:120]} |")
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+def table(rows, hf, mm_rate):
+    lines = [
+        f"bf16 matmul 8192^3 measured in this run: {mm_rate:.0f} TFLOP/s",
+        "",
+        "| tokens | implementation | fwd ms | fwd TFLOP/s | fwd % mm | fwd+bwd ms | "
+        "fwd+bwd TFLOP/s | fwd+bwd % mm | fwd+bwd vs HF |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cells(t, fwd, fb, hf_fb):
+        out = []
+        for mode, ms in (("fwd", fwd), ("fwd+bwd", fb)):
+            tf = expert_flops(t, mode) / (ms * 1e-3) / 1e12
+            out += [f"{ms:.2f}", f"{tf:.0f}", f"{100 * tf / mm_rate:.0f}%"]
+        out.append(f"{hf_fb / fb:.2f}x" if hf_fb else "")
+        return out
+
+    for t in sorted({r["tokens"] for r in rows} | {int(k) for k in hf if k.isdigit()}):
+        h = hf.get(str(t), {})
+        hf_fb = h.get("fwd+bwd")
+        if "fwd" in h:
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        str(t),
+                        "HF Qwen3NextSparseMoeBlock (torch)",
+                        *cells(t, h["fwd"], h["fwd+bwd"], None),
+                    ]
+                )
+                + " |"
+            )
+        for r in rows:
+            if r["tokens"] != t:
+                continue
+            if "error" in r:
+                lines.append(f"| {t} | {r['impl']} | failed: {r['error']} |||||||")
+            else:
+                lines.append(
+                    "| "
+                    + " | ".join([str(t), r["impl"], *cells(t, r["fwd"], r["fwd+bwd"], hf_fb)])
+                    + " |"
+                )
+    return "\n".join(lines)
+
+
+def ep_table(rows):
+    lines = [
+        "| tokens/GPU | GPUs | backend | 1 GPU fwd+bwd ms | EP fwd+bwd ms | per-GPU throughput "
+        "vs 1 GPU | safe path |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(
+                f"| {r['tokens_per_gpu']} | {r['gpus']} | {r['impl']} | failed: {r['error']} ||||"
+            )
+        else:
+            lines.append(
+                f"| {r['tokens_per_gpu']} | {r['gpus']} | {r['impl']} | "
+                f"{r['1gpu_fwd+bwd']:.2f} | {r['ep_fwd+bwd']:.2f} | "
+                f"{r['per_gpu_throughput_vs_1gpu']:.2f} | {r['ep_safe_path']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768, 65536])
+    ap.add_argument("--backends", nargs="+", default=["pallas", "tokamax"])
+    ap.add_argument(
+        "--padded-cf",
+        type=float,
+        default=1.25,
+        help="also time the capacity-padded einsum at this factor (0 = skip)",
+    )
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--ep", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-n", type=int, default=6)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--hf-experts", default="grouped_mm", help="transformers experts backend")
+    ap.add_argument(
+        "--breakdown", action="store_true", help="time the layer's parts (1st --tokens)"
+    )
+    ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.hf_child:
+        return hf_main(args.tokens, args.steps, args.hf_experts)
+
+    out_dir = os.environ.get("OUT", "./out")
+    os.makedirs(out_dir, exist_ok=True)
+    if args.check:
+        sys.exit(0 if check(args) else 1)
+    if args.sweep:
+        return sweep(args)
+    if args.breakdown:
+        return breakdown(args)
+    hf = {} if (args.no_hf or args.ep) else run_hf(args.tokens, args.steps, args.hf_experts)
+    print("HF:", json.dumps(hf), flush=True)
+
+    import jax
+
+    print(f"jax {jax.__version__}, devices: {jax.devices()}", flush=True)
+    mm_rate = matmul_tflops(args.steps)
+    print(f"matmul 8192^3 bf16: {mm_rate:.0f} TFLOP/s", flush=True)
+    if args.ep:
+        rows = bench_ep(args)
+        md = ep_table(rows)
+    else:
+        rows = bench_single(args, mm_rate)
+        md = table(rows, hf, mm_rate)
+    with open(os.path.join(out_dir, "moe_bench.md"), "w") as fh:
+        fh.write(md + "\n")
+    with open(os.path.join(out_dir, "moe_bench.json"), "w") as fh:
+        json.dump({"rows": rows, "hf": hf, "matmul_tflops": mm_rate}, fh, indent=1)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
