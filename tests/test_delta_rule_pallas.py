@@ -76,16 +76,21 @@ def test_auto_backend_picks_pallas_on_gpu(monkeypatch):
     calls = []
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(drp, "pallas_gated_delta_rule", lambda *a, **kw: calls.append(kw))
-    q, k, v, g, beta, _ = make_inputs(24, T=8)
+    q, k, v, g, beta, _ = make_inputs(24, T=8, dtype=jnp.bfloat16)
     dr.gated_delta_rule(q, k, v, g, beta)
     assert calls and calls[0]["interpret"] is False
-    # Shapes the kernels cannot take fall back to the pure-JAX chunk path.
-    q, k, v, g, beta, _ = make_inputs(24, T=8, K=8, V=8)
-    o, _ = jax.jit(dr.gated_delta_rule)(q, k, v, g, beta)
-    assert len(calls) == 1 and o.shape == v.shape
+    # float32 inputs and shapes the kernels cannot take fall back to the pure-JAX chunk path.
+    for kw in (dict(), dict(K=8, V=8, dtype=jnp.bfloat16)):
+        q, k, v, g, beta, _ = make_inputs(24, T=8, **kw)
+        o, _ = jax.jit(dr.gated_delta_rule)(q, k, v, g, beta)
+        assert o.shape == v.shape
+    assert len(calls) == 1
 
 
-def test_unsupported_shapes_raise():
+def test_unsupported_inputs_raise():
     q, k, v, g, beta, _ = make_inputs(25, T=8, K=8, V=8)
     with pytest.raises(ValueError, match="Dk, Dv powers of two >= 16"):
         drp.pallas_gated_delta_rule(q, k, v, g, beta, interpret=True)
+    q, k, v, g, beta, _ = make_inputs(25, T=8)
+    with pytest.raises(ValueError, match="compiled Pallas kernels take 16-bit q, k, v"):
+        drp.pallas_gated_delta_rule(q, k, v, g, beta)

@@ -153,12 +153,6 @@ def test_packed_documents_are_isolated(model):
     assert _rel(no_reset.logits[0, 13:50], outs[0].logits[1, :37]) > 1e-2
 
 
-@pytest.mark.xfail(
-    reason="ops/delta_rule.py _chunk_prepare takes a chunk-local cumsum of g across document "
-    "boundaries, so a document's decays exp(gamma_i - gamma_j) carry rounding from the previous "
-    "document's gates (~1e-7 abs on logits); a cumsum that restarts at each reset fixes it",
-    strict=False,
-)
 def test_packed_documents_bit_exact(model):
     """Changing a token of one document leaves every other document's logits bit-identical."""
     base = _forward(model, IDS, SEG)

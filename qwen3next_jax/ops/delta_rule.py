@@ -17,12 +17,15 @@ to the document holding token 0; padding tokens leave the state untouched and ou
 final state is the state after the last real token.
 
 Platforms. On TPU (and CPU) the pure-JAX chunk path runs today: its intra-chunk work is batched
-einsums and a batched unit-lower-triangular solve, its inter-chunk pass one lax.scan, all fp32 at
-Precision.HIGHEST. A Mosaic TPU kernel plugs in at the seam the Pallas GPU kernel uses:
+einsums and a unit-lower-triangular inverse by products, its inter-chunk pass one lax.scan, all fp32 at
+Precision.HIGHEST. On GPU "auto" takes the Pallas Triton kernels of delta_rule_pallas.py for
+16-bit inputs. A Mosaic TPU kernel plugs in at the seam the Pallas GPU kernels use:
 `_chunk_prepare` (masking, padding, chunk-local cumsum of g, chunk-local segment counters; plain
 autodiff) feeds a core with the contract of `_chunk_core` -- (q, k, v, gamma, beta, seg, state0)
 -> (o, final_state) with its own custom VJP -- so a `delta_rule_mosaic.py` core registered as a
-backend in `gated_delta_rule` reuses everything around it.
+backend in `gated_delta_rule` reuses everything around it. Kernel cores are single-device
+programs: under a sharded jit, call them inside jax.shard_map over batch (and heads), which are
+independent.
 """
 
 from __future__ import annotations
@@ -95,6 +98,21 @@ def _initial_state(initial_state, B, HV, K, V):
     return initial_state.astype(jnp.float32)
 
 
+def _segmented_cumsum(g_BNCH, resets_BNC):
+    """Cumulative sum over the chunk axis that restarts at every document start.
+
+    Only same-document differences of it are ever used, but restarting keeps a document's decays
+    free of the rounding of its predecessor's sum, so packed documents match solo runs bit for bit.
+    """
+
+    def combine(a, b):
+        (fa, va), (fb, vb) = a, b
+        return fa | fb, jnp.where(fb, vb, va + vb)
+
+    flags = jnp.broadcast_to(resets_BNC[..., None], g_BNCH.shape)
+    return jax.lax.associative_scan(combine, (flags, g_BNCH), axis=2)[1]
+
+
 def _chunk_prepare(q, k, v, g, beta, segment_ids, scale, chunk_size):
     """Shared front end of every chunked core (plain autodiff).
 
@@ -121,8 +139,9 @@ def _chunk_prepare(q, k, v, g, beta, segment_ids, scale, chunk_size):
         q, k, v, g, beta, reset_BT = (jnp.pad(x, widths(x)) for x in (q, k, v, g, beta, reset_BT))
     Tp = T + pad
     N = Tp // chunk_size
-    gamma = jnp.cumsum(g.reshape(B, N, chunk_size, HV), axis=2).reshape(B, Tp, HV)
-    seg = jnp.cumsum(reset_BT.reshape(B, N, chunk_size).astype(jnp.int32), axis=2)
+    resets_BNC = reset_BT.reshape(B, N, chunk_size)
+    gamma = _segmented_cumsum(g.reshape(B, N, chunk_size, HV), resets_BNC).reshape(B, Tp, HV)
+    seg = jnp.cumsum(resets_BNC.astype(jnp.int32), axis=2)
     return q, k, v, gamma, beta, seg.reshape(B, Tp)
 
 
@@ -223,6 +242,25 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None):
 # [N,B,H,R,C]; seg [N,B,C]; state [B,H,R,K,V].
 
 
+def _unit_lower_inverse(a_CC: jax.Array) -> jax.Array:
+    """(I + A)^-1 for strictly lower-triangular A [..., C, C], by matrix products only.
+
+    A is nilpotent, so (I + A)^-1 = sum_{j<C} (-A)^j = prod_i (I + (-A)^(2^i)): 2*log2(C) - 2
+    batched matmuls. Products rather than LAPACK's trsm because jaxlib's CPU trsm custom call
+    deadlocks XLA:CPU's thread pool on 2-core machines when two run concurrently, and products
+    map onto matrix units on GPU and TPU.
+    """
+    C = a_CC.shape[-1]
+    n_CC = -a_CC
+    s_CC = jnp.eye(C, dtype=a_CC.dtype) + n_CC  # sum_{j<2k} n^j with k = 1
+    p_CC, k = n_CC, 1
+    while 2 * k < C:
+        p_CC = _einsum("...ij,...jk->...ik", p_CC, p_CC)  # n^(2k)
+        s_CC = s_CC + _einsum("...ij,...jk->...ik", s_CC, p_CC)  # sum_{j<4k} n^j
+        k *= 2
+    return s_CC
+
+
 def _intra(q_NBHCK, k_NBHCK, v_NBHRCV, gamma_NBHRC, beta_NBHRC, seg_NBC):
     """Everything that is parallel over chunks (spec §4.3 steps 2-6 plus the read-out pieces).
 
@@ -248,14 +286,10 @@ def _intra(q_NBHCK, k_NBHCK, v_NBHRCV, gamma_NBHRC, beta_NBHRC, seg_NBC):
     vb_NBHRCV = beta_NBHRC[..., None] * v_NBHRCV
     kbg_NBHRCK = (beta_NBHRC * gexp_NBHRC)[..., None] * k_NBHCK[:, :, :, None]
     V = v_NBHRCV.shape[-1]
-    # (I + A)^-1 applied by one unit-lower-triangular solve in fp32 (P9, P10): A's entries are
-    # bounded by 1 but the inverse can grow.
-    sol = jax.scipy.linalg.solve_triangular(
-        a_NBHRCC,
-        jnp.concatenate([vb_NBHRCV, kbg_NBHRCK], axis=-1),
-        lower=True,
-        unit_diagonal=True,
-    )
+    # (I + A)^-1 in fp32 at HIGHEST precision (P9, P10): A's entries are bounded by 1 but the
+    # inverse can grow.
+    inv_NBHRCC = _unit_lower_inverse(a_NBHRCC)
+    sol = _einsum("...cs,...sd->...cd", inv_NBHRCC, jnp.concatenate([vb_NBHRCV, kbg_NBHRCK], -1))
     u_NBHRCV, w_NBHRCK = sol[..., :V], sol[..., V:]
 
     qk_NBHCC = _einsum("nbhck,nbhsk->nbhcs", q_NBHCK, k_NBHCK)
@@ -303,7 +337,7 @@ def _chunk_core_autodiff(q, k, v, gamma, beta, seg, state0_BHRKV):
 
 # Chunks recomputed together in one step of the backward's reverse scan: intra-chunk temporaries
 # stay O(_BWD_GROUP * B*HV*C*(C+Dk+Dv)) whatever T is, while each step still batches
-# _BWD_GROUP*B*HV triangular solves. (A parallel recompute over all chunks would be O(T*HV*C),
+# _BWD_GROUP*B*HV triangular inverses. (A parallel recompute over all chunks would be O(T*HV*C),
 # and XLA is free to hoist it into the forward, where it lives across the whole model.)
 _BWD_GROUP = 8
 
@@ -314,7 +348,7 @@ def _chunk_core(q, k, v, gamma, beta, seg, state0_BHRKV):
 
     Residuals are the inputs plus the chunk-start states: O(T*H*Dk + T*HV*Dv + N*HV*Dk*Dv)
     floats. The backward walks groups of _BWD_GROUP chunks in reverse; per group it recomputes
-    the intra-chunk quantities (decay, A, the triangular solve, W, U) in parallel, runs the
+    the intra-chunk quantities (decay, A, the triangular inverse, W, U) in parallel, runs the
     per-chunk VJP of the sequential step in reverse, and maps the result back through the
     group's intra-chunk VJP.
     """
@@ -386,7 +420,7 @@ def chunk_gated_delta_rule(
 ):
     """Chunked gated delta rule (spec §4.3) in pure JAX; same contract as the recurrent one.
 
-    Intra-chunk work (decayed beta*K K^T, unit-lower-triangular solve, W and U) runs in parallel
+    Intra-chunk work (decayed beta*K K^T, unit-lower-triangular inverse, W and U) runs in parallel
     over all chunks in fp32 at Precision.HIGHEST; a lax.scan over chunks carries the fp32 state.
     T is padded to a multiple of chunk_size with no-op tokens. Memory-lean custom VJP: the
     activations kept for the backward are the fp32 inputs and the N = ceil(T / chunk_size)
@@ -404,8 +438,15 @@ def chunk_gated_delta_rule(
 
 
 def _pallas_supported(q, v, chunk_size):
+    """Shapes the Pallas kernels take (Triton tiles are powers of two, dots at least 16)."""
     pow2 = lambda n: n >= 16 and n & (n - 1) == 0
     return pow2(q.shape[-1]) and pow2(v.shape[-1]) and chunk_size in (16, 32, 64)
+
+
+def _pallas_auto(q, k, v, chunk_size):
+    """ "auto" takes the kernels on GPU for supported shapes and 16-bit q, k, v."""
+    half = all(jnp.dtype(x.dtype).itemsize == 2 for x in (q, k, v))
+    return jax.default_backend() == "gpu" and half and _pallas_supported(q, v, chunk_size)
 
 
 def gated_delta_rule(
@@ -425,14 +466,13 @@ def gated_delta_rule(
 
     backend: "chunk" (pure-JAX chunked, any platform), "recurrent" (token-by-token reference),
     "pallas" (Triton GPU kernels), "pallas_interpret" (the same kernels interpreted, for CPU
-    tests), or "auto": "pallas" on GPU when Dk and Dv are powers of two >= 16 and chunk_size is
-    16, 32 or 64, else "chunk".
+    tests), or "auto": "pallas" on GPU for 16-bit q, k, v when Dk and Dv are powers of two >= 16
+    and chunk_size is 16, 32 or 64, else "chunk".
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown gated delta rule backend {backend!r}; choose one of {BACKENDS}.")
     if backend == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        backend = "pallas" if on_gpu and _pallas_supported(q, v, chunk_size) else "chunk"
+        backend = "pallas" if _pallas_auto(q, k, v, chunk_size) else "chunk"
     kwargs = dict(
         scale=scale, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size
     )

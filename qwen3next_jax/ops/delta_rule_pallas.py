@@ -61,6 +61,7 @@ class _Cfg:
     bv_par: int = 64
     warps_seq: int = 4
     warps_par: int = 4
+    warps_intra: int = 4
     warps_group: int = 8
     stages_seq: int = 2
 
@@ -158,17 +159,23 @@ def _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dtype):
                 mask = mask & (rows > cols)
             L[i, j] = _masked_exp(mask, g_blocks[i][:, None] - g_blocks[j][None, :])
             A[i, j] = b_blocks[i][:, None] * kk[i, j] * L[i, j]
-    Ti = {}
-    for i in range(nb):
-        # Forward substitution, row by row: row r of (Tinv - I) = a_r + a_r @ (Tinv - I), with
-        # a_r = -A[r, :r]; rows above r are final, rows below still hold -A and are not read.
-        neg = -A[i, i]
-        x = neg
-        for r in range(2, n):
+    # Forward substitution in all diagonal blocks at once, row by row: row r of (Tinv - I) is
+    # a_r + a_r @ (Tinv - I) with a_r = -A[r, :r]; rows above r are final, rows below still
+    # hold -A and are not read (a_r is zero there). Rows 0 and 1 are final from the start. A
+    # loop, not unrolled code: it keeps the Triton compile short.
+    negs = tuple(-A[i, i] for i in range(nb))
+
+    def substitute(r, xs):
+        out = []
+        for neg, x in zip(negs, xs, strict=True):
             a_r = jnp.sum(jnp.where(rows == r, neg, 0.0), axis=0)
             a_r = a_r + jnp.sum(a_r[:, None] * x, axis=0)
-            x = jnp.where(rows == r, a_r[None, :], x)
-        Ti[i, i] = x + (rows == cols).astype(_F32)
+            out.append(jnp.where(rows == r, a_r[None, :], x))
+        return tuple(out)
+
+    eye = (rows == cols).astype(_F32)
+    xs = jax.lax.fori_loop(2, n, substitute, negs) if n > 2 else negs
+    Ti = {(i, i): xs[i] + eye for i in range(nb)}
     for i in range(nb):
         for j in range(i - 1, -1, -1):
             acc = _mm(A[i, j], Ti[j, j], _F32)
@@ -424,7 +431,7 @@ def _intra(cfg, k, v, gamma, beta, seg):
             spec((None, C, R, V), lambda b, h, n: (b, n, h, 0)),
         ],
         [_sds((B, Tp, HV, K), cfg.dtype), _sds((B, Tp, HV, V), cfg.dtype)],
-        num_warps=cfg.warps_par,
+        num_warps=cfg.warps_intra,
     )(k, v, gamma, beta, seg)
 
 
@@ -663,7 +670,9 @@ def pallas_gated_delta_rule(
     of two >= 16 and chunk_size 16, 32 or 64. Differentiable w.r.t. q, k, v, g, beta and
     initial_state; the backward reruns the intra-chunk kernel, so the saved activations are the
     inputs and the chunk-start states, O(T*H*Dk + T*HV*Dv + N*HV*Dk*Dv). tuning: optional dict
-    of _Cfg launch fields (bv_seq, bv_par, warps_seq, warps_par, warps_group, stages_seq).
+    of _Cfg launch fields (bv_seq, bv_par, warps_seq, warps_par, warps_intra, warps_group,
+    stages_seq). Compiled for the GPU (interpret=False) the kernels take 16-bit q, k, v only:
+    with float32 operands the backward's tiles exceed shared memory (measured on an H200).
     """
     B, T, H, K, HV, V = dr._check_inputs(q, k, v, g, beta, initial_state, segment_ids)
     dr._check_chunk_size(chunk_size)
@@ -671,6 +680,11 @@ def pallas_gated_delta_rule(
         raise ValueError(
             f"The Pallas kernels need Dk, Dv powers of two >= 16 and chunk_size in (16, 32, 64); "
             f"got Dk={K}, Dv={V}, chunk_size={chunk_size}."
+        )
+    if not interpret and any(jnp.dtype(x.dtype).itemsize != 2 for x in (q, k, v)):
+        raise ValueError(
+            f"The compiled Pallas kernels take 16-bit q, k, v; got {q.dtype}, {k.dtype}, "
+            f"{v.dtype} (use backend='chunk' for float32)."
         )
     scale = K**-0.5 if scale is None else float(scale)
     q_, k_, v_, gamma, beta_, seg = dr._chunk_prepare(
