@@ -55,7 +55,6 @@ def _load_config(workdir: str):
 
 def _restore(config, workdir, trainer):
     """(step, params) from the checkpoint, or from --hf_dir."""
-    import jax
     from flax import nnx
 
     if _HF_DIR.value:
@@ -73,7 +72,7 @@ def _restore(config, workdir, trainer):
             trainer = _rebuild_for(config, model.cfg)
         return 0, nnx.state(model, nnx.Param), trainer
 
-    from qwen3next_jax.training import checkpointing
+    from qwen3next_jax.training import checkpointing, train_step
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
@@ -85,11 +84,7 @@ def _restore(config, workdir, trainer):
             raise app.UsageError(f"{ckpt_dir} holds no finished checkpoint.")
         if _STEP.value is not None and _STEP.value not in steps:
             raise app.UsageError(f"step {_STEP.value} is not among the checkpoints {steps}.")
-        abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            trainer.abstract_state,
-            trainer.state_shardings,
-        )
+        abstract = train_step.abstract_with_shardings(trainer)
         try:
             restored = ckpt.restore(abstract, step=_STEP.value)
         except Exception as e:  # noqa: BLE001 - shape/tree mismatch surfaces as many types

@@ -174,18 +174,18 @@ def test_eos_and_sampling(model, reference):
 # ------------------------------------------------------------------- high MTP acceptance (slow)
 
 
-def _train_periodic(model, steps=150, period=5, seed=0):
+def _train_periodic(model, steps=80, period=5, seed=0):
     """Trains main + MTP losses on one periodic token sequence so the MTP head becomes accurate."""
     import optax
 
     rs = np.random.RandomState(seed)
     pattern = rs.choice(CFG.vocab_size, period, replace=False)
-    seq = np.tile(pattern, 64 // period + 2)[None, :48].repeat(4, 0)
+    seq = np.tile(pattern, 64 // period + 2)[None, :26].repeat(4, 0)
     for b in range(4):
         seq[b] = np.roll(seq[b], b)
     x = jnp.asarray(seq[:, :-2])
     y1, y2 = jnp.asarray(seq[:, 1:-1]), jnp.asarray(seq[:, 2:])
-    opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
 
     @nnx.jit
     def train_step(model, opt):
@@ -208,7 +208,7 @@ def test_speculative_greedy_high_acceptance():
     model = Qwen3Next(CFG, rngs=nnx.Rngs(1))
     loss, pattern = _train_periodic(model)
     assert loss < 0.5
-    prompt = np.stack([np.tile(pattern, 4)[:20], np.tile(pattern, 4)[2:22]]).astype(np.int32)
+    prompt = np.stack([np.tile(pattern, 5)[:20], np.tile(pattern, 5)[2:22]]).astype(np.int32)
     plain = np.asarray(generate(model, prompt, max_new_tokens=10))
     for k in (1, 2, 3):
         spec, stats = generate(
@@ -223,11 +223,11 @@ def test_speculative_greedy_high_acceptance():
 # ------------------------------------------------------------------------------------ eval.py
 
 
-def _run_eval(*args, timeout=600):
+def _run_eval(*args, timeout=600, script="eval.py"):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = ""
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "eval.py"), *args],
+        [sys.executable, os.path.join(ROOT, script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -260,20 +260,15 @@ def test_eval_cli_errors_are_one_sentence(tmp_path):
 
 @pytest.mark.slow
 def test_eval_after_short_training(tmp_path):
-    sys.path.insert(0, ROOT)
-    from configs import default
-    from qwen3next_jax.training.loop import train_and_evaluate
-
-    c = default.get_config()
-    c.train_steps = 4
-    c.global_batch_size = 8
-    c.data.seq_len = 64
-    c.checkpoint_every = 4
-    c.eval_batches = 1
-    c.log_every = 2
-    c.async_checkpointing = False
+    # Trained in a subprocess on one CPU device (the in-process 8-fake-device mesh is not needed).
     workdir = str(tmp_path / "run")
-    train_and_evaluate(c, workdir)
+    overrides = dict(
+        train_steps=4, global_batch_size=8, checkpoint_every=4, eval_batches=1, log_every=2
+    )
+    args = [f"--config.{k}={v}" for k, v in overrides.items()]
+    args += ["--config.data.seq_len=64", "--config.optim.warmup_steps=1"]
+    r = _run_eval(f"--workdir={workdir}", *args, script="train.py")
+    assert r.returncode == 0, r.stderr[-2000:]
     r = _run_eval(f"--workdir={workdir}")
     assert r.returncode == 0, r.stderr[-2000:]
     with open(os.path.join(workdir, "eval.json")) as f:
@@ -290,5 +285,12 @@ def test_eval_after_short_training(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("def ")
-    r = _run_eval(f"--workdir={workdir}", "--config.model.hidden_size=96")
+    path = os.path.join(workdir, "config.json")
+    with open(path) as f:
+        d = json.load(f)
+    d["model"]["hidden_size"] = 96
+    with open(path, "w") as f:
+        json.dump(d, f)
+    r = _run_eval(f"--workdir={workdir}")
     assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "does not match" in r.stderr

@@ -75,7 +75,12 @@ class Checkpointer:
     ):
         if keep < 1 or save_every < 1:
             raise ValueError(f"keep={keep} and save_every={save_every} must both be >= 1.")
-        self.directory = epath.Path(directory)
+        # Orbax's async commit wants absolute paths; a local relative one is made absolute here
+        # (remote paths such as gs://... are absolute already).
+        path = str(directory)
+        if "://" not in path:
+            path = os.path.abspath(path)
+        self.directory = epath.Path(path)
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,

@@ -14,7 +14,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -149,7 +148,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir, total_steps=config.train_steps, start_step=start, is_chief=chief
     )
     step = start
-    pending = None
     t_last, steps_since = time.perf_counter(), 0
     compile_s = None
     with checkpointing.PreemptionGuard() as guard:
@@ -157,22 +155,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = _global_batch(next(data_iter), trainer.batch_sharding)
             t0 = time.perf_counter()
             state, step_metrics = trainer.train_step(state, batch)
+            step += 1
+            steps_since += 1
             if compile_s is None:
+                # The first step includes compilation: keep it out of the throughput figures.
                 jax.block_until_ready(state["step"])
                 compile_s = time.perf_counter() - t0
                 t_last, steps_since = time.perf_counter(), 0
-                if chief:
-                    print(f"first step (compile + run) took {compile_s:.1f} s")
-            step += 1
-            steps_since += 1
             if step % config.log_every == 0 or step == config.train_steps:
                 host = jax.device_get(step_metrics)
                 now = time.perf_counter()
-                dt = (now - t_last) / max(steps_since, 1)
-                t_last, steps_since = now, 0
                 record = {k: _to_float(v) for k, v in host.items()}
-                record.update(throughput(dt))
-                record["step_time_s"] = dt
+                if steps_since:
+                    dt = (now - t_last) / steps_since
+                    record.update(throughput(dt))
+                    record["step_time_s"] = dt
+                t_last, steps_since = now, 0
                 record["compile_time_s"] = compile_s
                 writer.write(step, record)
                 _stop_if_nonfinite(config, state, trainer, ckpt)
@@ -190,7 +188,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.close()
                 ckpt.close()
                 return {"preempted_at": step}
-    del pending
     ckpt.wait()
     result = evaluate(trainer, state["params"], data_dir, config)
     writer.write(step, {f"eval_{k}": v for k, v in result.items()})
@@ -222,6 +219,3 @@ def _init_from(path: str, trainer, abstract) -> dict:
     state = trainer.init()
     state["params"] = params
     return state
-
-
-__all__ = ["train_and_evaluate", "validate", "jnp"]
