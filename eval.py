@@ -89,9 +89,13 @@ def _restore(config, workdir, trainer):
             restored = ckpt.restore(abstract, step=_STEP.value)
         except Exception as e:  # noqa: BLE001 - shape/tree mismatch surfaces as many types
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            raise app.UsageError(
-                f"the checkpoint in {ckpt_dir} does not match the config ({msg})."
-            ) from None
+            # A failed Orbax restore leaves its asyncio worker half torn down, and interpreter
+            # shutdown would print that thread's traceback after our sentence: exit at once.
+            sys.stderr.write(
+                f"eval.py: the checkpoint in {ckpt_dir} does not match the config ({msg}).\n"
+            )
+            sys.stderr.flush()
+            os._exit(1)
     finally:
         ckpt.close()
     step, state, _, _ = restored

@@ -20,12 +20,28 @@ from qwen3next_jax.training.loop import train_and_evaluate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Every run below uses these values and a constant schedule, so the compiled train step does not
+# depend on train_steps: the runs in this file (and train.py subprocesses, which share the
+# persistent compilation cache set up in conftest.py) compile it once.
+SMALL = {
+    "global_batch_size": 8,
+    "data.seq_len": 32,
+    "optim.warmup_steps": 1,
+    "optim.schedule": "constant",
+    "optim.learning_rate": 1e-2,
+    "eval_batches": 1,
+    "log_every": 1,
+}
+
+
 def small_config(**overrides):
     c = default.get_config()
     c.train_steps = 4
     c.global_batch_size = 8
     c.data.seq_len = 32
     c.optim.warmup_steps = 1
+    c.optim.schedule = "constant"
+    c.optim.learning_rate = 1e-2
     c.log_every = 1
     c.checkpoint_every = 2
     c.eval_batches = 1
@@ -129,23 +145,22 @@ def _train_cmd(workdir, *flags):
         sys.executable,
         "train.py",
         f"--workdir={workdir}",
-        "--config.global_batch_size=8",
-        "--config.data.seq_len=32",
-        "--config.optim.warmup_steps=1",
-        "--config.eval_batches=1",
-        "--config.log_every=1",
+        *(f"--config.{k}={v}" for k, v in SMALL.items()),
         *flags,
     ]
 
 
 @pytest.mark.slow
 def test_cli_trains_resumes_and_survives_sigterm(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # same 8 fake devices, same compile cache
     wd = str(tmp_path / "run")
     first = subprocess.run(
-        _train_cmd(wd, "--config.train_steps=12", "--config.checkpoint_every=6",
-                   "--config.optim.learning_rate=1e-2"),
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        _train_cmd(wd, "--config.train_steps=12", "--config.checkpoint_every=6"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = _read_metrics(wd)
@@ -154,7 +169,11 @@ def test_cli_trains_resumes_and_survives_sigterm(tmp_path):
     assert os.path.exists(os.path.join(wd, "config.json"))
     second = subprocess.run(
         _train_cmd(wd, "--config.train_steps=14", "--config.checkpoint_every=6"),
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming at step 12" in second.stdout
@@ -163,7 +182,11 @@ def test_cli_trains_resumes_and_survives_sigterm(tmp_path):
     wd2 = str(tmp_path / "preempt")
     proc = subprocess.Popen(
         _train_cmd(wd2, "--config.train_steps=100000", "--config.checkpoint_every=100000"),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 400
     while time.time() < deadline and not os.path.exists(os.path.join(wd2, "metrics.jsonl")):
