@@ -75,24 +75,11 @@ def cached_attention(q_BTNH, k_BSKH, v_BSKH, start_B, length_B):
 
     Same numerics as ops.attention's XLA path (float32 logits and softmax).
     """
-    B, T, N, H = q_BTNH.shape
-    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    logits_BKGTS = jnp.einsum(
-        "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
-    ) * (H**-0.5)
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     slot_S = jnp.arange(S, dtype=jnp.int32)
     qslot_BT = length_B[:, None] + jnp.arange(T, dtype=jnp.int32)
     allowed_BTS = (slot_S >= start_B[:, None, None]) & (slot_S <= qslot_BT[:, :, None])
-    logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-    out_BTKGH = jnp.einsum(
-        "bkgts,bskh->btkgh",
-        probs_BKGTS.astype(v_BSKH.dtype),
-        v_BSKH,
-        preferred_element_type=jnp.float32,
-    )
-    return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+    return attention_ops.masked_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS)
 
 
 # ------------------------------------------------------------------------------------- mixers

@@ -48,17 +48,26 @@ def causal_attention(
 
 
 def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    allowed = jnp.tril(jnp.ones((T, S), bool), k=S - T)[None]
+    if mask_B1TS is not None:
+        allowed = allowed & mask_B1TS[:, 0]
+    return masked_attention(q_BTNH, k_BSKH, v_BSKH, allowed)
+
+
+def masked_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS: jax.Array) -> jax.Array:
+    """GQA softmax attention where query t of row b reads key s iff allowed[b, t, s].
+
+    The reference path: float32 logits and softmax, output in q's dtype. ``allowed_BTS`` may have
+    a leading 1 to broadcast over the batch.
+    """
     B, T, N, H = q_BTNH.shape
-    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
     logits_BKGTS = jnp.einsum(
         "btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
     ) * (H**-0.5)
-    allowed_TS = jnp.tril(jnp.ones((T, S), bool), k=S - T)
-    allowed = allowed_TS[None, None, None]
-    if mask_B1TS is not None:
-        allowed = allowed & mask_B1TS[:, :, None]
-    logits_BKGTS = jnp.where(allowed, logits_BKGTS, jnp.finfo(jnp.float32).min)
+    logits_BKGTS = jnp.where(allowed_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
     out_BTKGH = jnp.einsum(
         "bkgts,bskh->btkgh",
