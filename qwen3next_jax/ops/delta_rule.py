@@ -19,8 +19,8 @@ final state is the state after the last real token.
 Platforms. On TPU (and CPU) the pure-JAX chunk path runs today: its intra-chunk work is batched
 einsums and a unit-lower-triangular inverse built from products, its inter-chunk pass one
 lax.scan, all fp32 at Precision.HIGHEST. On GPU "auto" takes the Pallas Triton kernels of
-delta_rule_pallas.py for 16-bit inputs. A Mosaic TPU kernel plugs in at the seam the Pallas GPU kernels use:
-`_chunk_prepare` (masking, padding, chunk-local cumsum of g, chunk-local segment counters; plain
+delta_rule_pallas.py for 16-bit inputs. A Mosaic TPU kernel plugs in at the seam the Pallas GPU
+kernels use: `_chunk_prepare` (masking, padding, chunk-local cumsum of g, chunk-local segment counters; plain
 autodiff) feeds a core with the contract of `_chunk_core` -- (q, k, v, gamma, beta, seg, state0)
 -> (o, final_state) with its own custom VJP -- so a `delta_rule_mosaic.py` core registered as a
 backend in `gated_delta_rule` reuses everything around it. Kernel cores are single-device
