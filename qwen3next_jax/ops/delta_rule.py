@@ -20,12 +20,12 @@ Platforms. On TPU (and CPU) the pure-JAX chunk path runs today: its intra-chunk 
 einsums and a unit-lower-triangular inverse built from products, its inter-chunk pass one
 lax.scan, all fp32 at Precision.HIGHEST. On GPU "auto" takes the Pallas Triton kernels of
 delta_rule_pallas.py for 16-bit inputs. A Mosaic TPU kernel plugs in at the seam the Pallas GPU
-kernels use: `_chunk_prepare` (masking, padding, chunk-local cumsum of g, chunk-local segment counters; plain
-autodiff) feeds a core with the contract of `_chunk_core` -- (q, k, v, gamma, beta, seg, state0)
--> (o, final_state) with its own custom VJP -- so a `delta_rule_mosaic.py` core registered as a
-backend in `gated_delta_rule` reuses everything around it. Kernel cores are single-device
-programs: under a sharded jit, call them inside jax.shard_map over batch (and heads), which are
-independent.
+kernels use: `_chunk_prepare` (masking, padding, chunk-local cumsum of g, chunk-local segment
+counters; plain autodiff) feeds a core with the contract of `_chunk_core` -- (q, k, v, gamma,
+beta, seg, state0) -> (o, final_state) with its own custom VJP -- so a `delta_rule_mosaic.py`
+core registered as a backend in `gated_delta_rule` reuses everything around it. Kernel cores are
+single-device programs: under a sharded jit, call them inside jax.shard_map over batch (and
+heads), which are independent.
 """
 
 from __future__ import annotations
