@@ -348,6 +348,3 @@ def tiny(**overrides) -> ModelConfig:
     )
     kw.update(overrides)
     return ModelConfig(**kw)
-
-
-PRESETS = {"qwen3_next_80b_a3b": qwen3_next_80b_a3b, "tiny": tiny}

@@ -69,7 +69,8 @@ class GatedDeltaNet(nnx.Module):
         y_BTC = conv_ops.causal_depthwise_conv(
             x_BTC, w_KC, segment_ids_BT=segment_ids_BT, state_BKmC=state
         )
-        new_state = conv_ops.conv_state_after(x_BTC, w.shape[0], state)
+        # The decode-time conv window is only needed when a cache is being carried.
+        new_state = None if state is None else conv_ops.conv_state_after(x_BTC, w.shape[0], state)
         return jax.nn.silu(y_BTC).reshape(B, T, H, Dh), new_state
 
     def __call__(
