@@ -227,8 +227,27 @@ def bench_fla(B, T):
     return dict(fwd=fwd, fwdbwd=fwdbwd), o.float().cpu().numpy(), grads
 
 
-def breakdown(B, T, tuning=None, reps=20):
-    """Per-kernel times of the Pallas path (each kernel jitted alone on real intermediates)."""
+# Launch variants timed kernel by kernel (--kvariants): (tuning, kernels it changes).
+KVARIANTS = [
+    (dict(bv_seq=64), ("fwd state pass", "bwd state pass")),
+    (dict(bv_seq=32, stages_seq=3), ("fwd state pass", "bwd state pass")),
+    (dict(bv_seq=32, warps_seq=2), ("fwd state pass", "bwd state pass")),
+    (dict(bv_seq=16), ("fwd state pass", "bwd state pass")),
+    (dict(bv_dqk=128), ("bwd dq/dk (read-out)",)),
+    (dict(bv_dqk=32), ("bwd dq/dk (read-out)",)),
+    (dict(warps_group=4), ("bwd dq/dk (read-out)",)),
+    (dict(warps_wy=4), ("bwd WY (dk,dv,dbeta,dg)",)),
+    (dict(warps_intra=8), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
+    (dict(bv_par=128), ("fwd output", "bwd dv_local (+v_new)")),
+    (dict(bv_par=32), ("fwd output", "bwd dv_local (+v_new)")),
+    (dict(warps_par=8, bv_par=128), ("fwd output", "bwd dv_local (+v_new)")),
+]
+
+
+def breakdown(B, T, tuning=None, reps=20, only=None):
+    """Per-kernel times of the Pallas path (each kernel jitted alone on real intermediates).
+
+    only: names of the kernels to time (None: all)."""
     q, k, v, g, beta, do = to_jax(make_inputs(B, T))
     q_, k_, v_, gamma, beta_, seg = jax.jit(
         lambda q, k, v, g, beta: dr._chunk_prepare(q, k, v, g, beta, None, None, 64)
@@ -241,6 +260,8 @@ def breakdown(B, T, tuning=None, reps=20):
     do_ = jnp.pad(do, [(0, 0), (0, q_.shape[1] - T), (0, 0), (0, 0)])
     j = lambda fn: jax.jit(functools.partial(fn, cfg))
     w, u = j(drp._intra)(k_, v_, gamma, beta_, seg)
+    intra_bwd = jax.jit(lambda *a: drp._intra(cfg, *a, with_tinv=True))
+    _, _, tinv = intra_bwd(k_, v_, gamma, beta_, seg)
     states, vn, final = j(drp._state_fwd)(w, u, k_, gamma, seg, s0)
     vn2, dvl = j(drp._dv_local)(q_, k_, w, u, states, gamma, seg, do_)
     dst, dvn, ds0 = j(drp._state_bwd)(q_, k_, w, gamma, seg, do_, dvl, final)
@@ -252,10 +273,15 @@ def breakdown(B, T, tuning=None, reps=20):
             jax.jit(lambda *a: drp._output(cfg, *a, jnp.bfloat16)),
             (q_, k_, states, vn, gamma, seg),
         ),
+        ("bwd intra (W,U,Tinv)", intra_bwd, (k_, v_, gamma, beta_, seg)),
         ("bwd dv_local (+v_new)", j(drp._dv_local), (q_, k_, w, u, states, gamma, seg, do_)),
         ("bwd state pass", j(drp._state_bwd), (q_, k_, w, gamma, seg, do_, dvl, final)),
         ("bwd dq/dk (read-out)", j(drp._dqk), (q_, k_, gamma, seg, states, dst, vn2, do_)),
-        ("bwd WY (dk,dv,dbeta,dg)", j(drp._wy_bwd), (k_, v_, gamma, beta_, seg, w, u, states, dvn)),
+        (
+            "bwd WY (dk,dv,dbeta,dg)",
+            j(drp._wy_bwd),
+            (k_, v_, gamma, beta_, seg, w, u, tinv, states, dvn),
+        ),
         (
             "prepare (mask/pad/cumsum)",
             jax.jit(lambda *a: dr._chunk_prepare(*a, None, None, 64)),
@@ -264,6 +290,8 @@ def breakdown(B, T, tuning=None, reps=20):
     ]
     out = []
     for name, fn, args in steps:
+        if only is not None and name not in only:
+            continue
         ms = time_jax(fn, *args, reps=reps)
         out.append((name, ms))
         log(f"   {name:28s} {ms:8.3f} ms")
@@ -280,6 +308,7 @@ def main():
     p.add_argument("--check", action="store_true")
     p.add_argument("--breakdown", default="")
     p.add_argument("--variants", default="")
+    p.add_argument("--kvariants", default="", help="BxT: time KVARIANTS kernel by kernel")
     p.add_argument("--budget", type=float, default=380.0)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--interpret", action="store_true")
@@ -355,6 +384,12 @@ def main():
         B, T = (int(x) for x in s.split("x"))
         log(f"breakdown pallas {B}x{T}:")
         bd[s] = guarded(f"breakdown {s}", breakdown, B, T, reps=args.reps)
+    for s in [s for s in args.kvariants.split(",") if s]:
+        B, T = (int(x) for x in s.split("x"))
+        for tuning, names in KVARIANTS:
+            log(f"kernel variant {tuning} {s}:")
+            r = guarded(f"kvariant {tuning} {s}", breakdown, B, T, tuning, args.reps, names)
+            bd[f"{s} {tuning}"] = r
     if "chunk" in impls:
         run_impl("chunk")
     variants = [dict(bv_seq=32), dict(warps_intra=2)]

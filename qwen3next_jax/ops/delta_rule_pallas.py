@@ -57,12 +57,14 @@ class _Cfg:
     # Launch tuning: V block of the sequential (bv_seq) and parallel (bv_par) value-head
     # kernels, warps of the sequential / parallel / key-head-group kernels, pipeline stages of
     # the sequential loops.
-    bv_seq: int = 64
+    bv_seq: int = 32
     bv_par: int = 64
+    bv_dqk: int = 64
     warps_seq: int = 4
     warps_par: int = 4
     warps_intra: int = 4
     warps_group: int = 8
+    warps_wy: int = 8
     stages_seq: int = 2
 
     @property
@@ -76,6 +78,10 @@ class _Cfg:
     @property
     def BV(self):
         return min(self.V, self.bv_par)
+
+    @property
+    def BVQ(self):
+        return min(self.V, self.bv_dqk)
 
     @property
     def BVS(self):
@@ -198,8 +204,12 @@ def _kk_blocks(k_blocks, dtype):
 # --------------------------------------------------------------------------------------------
 
 
-def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *, cfg):
-    """One chunk of one key head: W, U for its R value heads (refs [C,K], [C,R,V], [R,C])."""
+def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, cfg):
+    """One chunk of one key head: W, U for its R value heads (refs [C,K], [C,R,V], [R,C]).
+
+    With a third output ref ([R,C,C] fp32, the backward's call) it also writes the full
+    (I + A)^-1 of every value head, upper blocks zero, for the WY backward's 64-row products.
+    """
     n, nb, dt = cfg.sub, cfg.C // cfg.sub, cfg.dtype
     blk = lambda i: pl.ds(i * n, n)
     k_blocks = [k_ref[blk(i), :] for i in range(nb)]
@@ -209,6 +219,12 @@ def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *, cfg):
         g_blocks = [g_ref[r, blk(i)] for i in range(nb)]
         b_blocks = [b_ref[r, blk(i)] for i in range(nb)]
         _, _, Ti = _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dt)
+        if tinv_refs:
+            (tinv_ref,) = tinv_refs
+            for i in range(nb):
+                for j in range(nb):
+                    blk_ij = Ti[i, j] if j <= i else jnp.zeros((n, n), _F32)
+                    tinv_ref[r, blk(i), blk(j)] = blk_ij
         vb = [b_blocks[i][:, None] * v_ref[blk(i), r, :].astype(_F32) for i in range(nb)]
         kbg = [
             (b_blocks[i] * _masked_exp(s_blocks[i] == 0, g_blocks[i]))[:, None]
@@ -287,31 +303,42 @@ def _state_bwd_kernel(
 def _dqk_kernel(
     q_ref, k_ref, g_ref, s_ref, st_ref, dst_ref, vn_ref, do_ref, dq_ref, dk_ref, dg_ref, *, cfg
 ):
-    """Gradients through the read-out and the chunk-end state, for one key head's group."""
-    C, dt, scale = cfg.C, cfg.dtype, cfg.scale
+    """Gradients through the read-out and the chunk-end state, for one key head's group.
+
+    The value dimension is walked in blocks of cfg.BVQ columns (states [K, BVQ] at a time).
+    """
+    C, K, dt, scale = cfg.C, cfg.K, cfg.dtype, cfg.scale
+    BVQ = cfg.BVQ
     q_CK, k_CK = q_ref[...], k_ref[...]
     q32, k32 = q_CK.astype(_F32), k_CK.astype(_F32)
     seg_C = s_ref[...]
     qk_CC = _mm(q_CK, k_CK, dt, tb=True)
-    dq_CK = jnp.zeros((C, cfg.K), _F32)
-    dk_CK = jnp.zeros((C, cfg.K), _F32)
+    dq_CK = jnp.zeros((C, K), _F32)
+    dk_CK = jnp.zeros((C, K), _F32)
     at_last = _iota((C,), 0) == C - 1
     for r in range(cfg.R):
         gamma_C = g_ref[r, :]
         L_CC, gexp_C, kdec_C, passes = _chunk_gates(gamma_C, seg_C)
-        S_KV, dS_KV = st_ref[r, :, :], dst_ref[r, :, :]
-        vn_CV, do_CV = vn_ref[:, r, :], do_ref[:, r, :]
-        dos_CK = _mm(do_CV, S_KV, dt, tb=True)
-        dov_CC = _mm(do_CV, vn_CV, dt, tb=True)
+        dos_CK = jnp.zeros((C, K), _F32)
+        vds_CK = jnp.zeros((C, K), _F32)
+        dov_CC = jnp.zeros((C, C), _F32)
+        sds = jnp.zeros((), _F32)
+        for iv in range(cfg.V // BVQ):
+            cols = pl.ds(iv * BVQ, BVQ)
+            S_KV, dS_KV = st_ref[r, :, cols], dst_ref[r, :, cols]
+            vn_CV, do_CV = vn_ref[:, r, cols], do_ref[:, r, cols]
+            dos_CK = dos_CK + _mm(do_CV, S_KV, dt, tb=True)
+            dov_CC = dov_CC + _mm(do_CV, vn_CV, dt, tb=True)
+            vds_CK = vds_CK + _mm(vn_CV, dS_KV, dt, tb=True)
+            sds = sds + jnp.sum(S_KV.astype(_F32) * dS_KV.astype(_F32))
         dqk_CC = scale * dov_CC * L_CC  # cotangent of the entries of q k^T
-        vds_CK = _mm(vn_CV, dS_KV, dt, tb=True)
         dq_CK = dq_CK + (scale * gexp_C)[:, None] * dos_CK + _mm(dqk_CC, k_CK, dt)
         dk_CK = dk_CK + _mm(dqk_CC, q_CK, dt, ta=True) + kdec_C[:, None] * vds_CK
         # gamma enters through L (row +, column -), the read-out of S, and the decays to the
         # chunk end (kdec: -gamma_r, +gamma_last; passes: +gamma_last).
         P_CC = dqk_CC * qk_CC
         t_C = kdec_C * jnp.sum(k32 * vds_CK, axis=1)
-        d_last = jnp.sum(t_C) + passes * jnp.sum(S_KV.astype(_F32) * dS_KV.astype(_F32))
+        d_last = jnp.sum(t_C) + passes * sds
         dg_C = (
             jnp.sum(P_CC, axis=1)
             - jnp.sum(P_CC, axis=0)
@@ -332,6 +359,7 @@ def _wy_bwd_kernel(
     s_ref,
     w_ref,
     u_ref,
+    tinv_ref,
     st_ref,
     dvn_ref,
     dk_ref,
@@ -341,53 +369,45 @@ def _wy_bwd_kernel(
     *,
     cfg,
 ):
-    """Gradients through W = Tinv (beta e^gamma k), U = Tinv (beta v) and A, per key head."""
-    n, nb, dt = cfg.sub, cfg.C // cfg.sub, cfg.dtype
-    blk = lambda i: pl.ds(i * n, n)
-    k_blocks = [k_ref[blk(i), :] for i in range(nb)]
-    k32 = [kb.astype(_F32) for kb in k_blocks]
-    s_blocks = [s_ref[blk(i)] for i in range(nb)]
-    kk = _kk_blocks(k_blocks, dt)
-    dk = [jnp.zeros((n, cfg.K), _F32) for _ in range(nb)]
+    """Gradients through W = Tinv (beta e^gamma k), U = Tinv (beta v) and A, per key head.
+
+    Tinv = (I + A)^-1 comes from the backward's intra kernel ([R, C, C] fp32), so every product
+    here is a whole-chunk (C-row) tensor-core product.
+    """
+    C, dt = cfg.C, cfg.dtype
+    k_CK = k_ref[...]
+    k32 = k_CK.astype(_F32)
+    seg_C = s_ref[...]
+    kk_CC = _mm(k_CK, k_CK, dt, tb=True)
+    rows, cols = _iota((C, C), 0), _iota((C, C), 1)
+    strict = (seg_C[:, None] == seg_C[None, :]) & (rows > cols)
+    dk_CK = jnp.zeros((C, cfg.K), _F32)
     for r in range(cfg.R):
-        g_blocks = [g_ref[r, blk(i)] for i in range(nb)]
-        b_blocks = [b_ref[r, blk(i)] for i in range(nb)]
-        L, A, Ti = _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dt)
-        S_KV = st_ref[r, :, :]
-        dU = [dvn_ref[blk(i), r, :] for i in range(nb)]
-        dW = [-_mm(dU[i], S_KV, dt, tb=True) for i in range(nb)]
-        # d(rhs) = Tinv^T d(solution), block column by block column.
-        dvb = [sum(_mm(Ti[i, j], dU[i], dt, ta=True) for i in range(j, nb)) for j in range(nb)]
-        dkbg = [sum(_mm(Ti[i, j], dW[i], dt, ta=True) for i in range(j, nb)) for j in range(nb)]
-        u_blocks = [u_ref[blk(i), r, :] for i in range(nb)]
-        w_blocks = [w_ref[blk(i), r, :] for i in range(nb)]
-        dg = [jnp.zeros((n,), _F32) for _ in range(nb)]
-        db = [jnp.zeros((n,), _F32) for _ in range(nb)]
-        for i in range(nb):
-            for j in range(i + 1):
-                # dA = -(dVb U^T + dKbg W^T); entries outside A's pattern meet L = 0 below.
-                dA = -(
-                    _mm(dvb[i], u_blocks[j], dt, tb=True) + _mm(dkbg[i], w_blocks[j], dt, tb=True)
-                )
-                dKK = dA * b_blocks[i][:, None] * L[i, j]
-                dk[i] = dk[i] + _mm(dKK, k_blocks[j], dt)
-                dk[j] = dk[j] + _mm(dKK, k_blocks[i], dt, ta=True)
-                P = dA * A[i, j]
-                dg[i] = dg[i] + jnp.sum(P, axis=1)
-                dg[j] = dg[j] - jnp.sum(P, axis=0)
-                db[i] = db[i] + jnp.sum(dA * kk[i, j] * L[i, j], axis=1)
-        for i in range(nb):
-            gexp = _masked_exp(s_blocks[i] == 0, g_blocks[i])
-            kg = gexp[:, None] * k32[i]
-            dk[i] = dk[i] + (b_blocks[i] * gexp)[:, None] * dkbg[i]
-            v32 = v_ref[blk(i), r, :].astype(_F32)
-            dv_ref[blk(i), r, :] = b_blocks[i][:, None] * dvb[i]
-            db_ref[r, blk(i)] = (
-                db[i] + jnp.sum(dvb[i] * v32, axis=1) + jnp.sum(dkbg[i] * kg, axis=1)
-            )
-            dg_ref[r, blk(i)] = dg[i] + b_blocks[i] * jnp.sum(dkbg[i] * kg, axis=1)
-    for i in range(nb):
-        dk_ref[blk(i), :] = dk[i]
+        g_C, b_C = g_ref[r, :], b_ref[r, :]
+        L_CC = _masked_exp(strict, g_C[:, None] - g_C[None, :])
+        kkL_CC = kk_CC * L_CC
+        Ti_CC = tinv_ref[r, :, :]
+        dU_CV = dvn_ref[:, r, :]
+        dW_CK = -_mm(dU_CV, st_ref[r, :, :], dt, tb=True)
+        # d(rhs) = Tinv^T d(solution)
+        dvb_CV = _mm(Ti_CC, dU_CV, dt, ta=True)
+        dkbg_CK = _mm(Ti_CC, dW_CK, dt, ta=True)
+        # dA = -(dVb U^T + dKbg W^T); entries outside A's pattern meet L = 0 below.
+        dA_CC = -(
+            _mm(dvb_CV, u_ref[:, r, :], dt, tb=True) + _mm(dkbg_CK, w_ref[:, r, :], dt, tb=True)
+        )
+        dAkkL_CC = dA_CC * kkL_CC
+        dKK_CC = dA_CC * b_C[:, None] * L_CC
+        dk_CK = dk_CK + _mm(dKK_CC, k_CK, dt) + _mm(dKK_CC, k_CK, dt, ta=True)
+        P_CC = dAkkL_CC * b_C[:, None]  # dA * A
+        gexp_C = _masked_exp(seg_C == 0, g_C)
+        kg_sum = gexp_C * jnp.sum(dkbg_CK * k32, axis=1)  # sum(dkbg * e^gamma k)
+        dk_CK = dk_CK + (b_C * gexp_C)[:, None] * dkbg_CK
+        v32 = v_ref[:, r, :].astype(_F32)
+        dv_ref[:, r, :] = b_C[:, None] * dvb_CV
+        db_ref[r, :] = jnp.sum(dAkkL_CC, axis=1) + jnp.sum(dvb_CV * v32, axis=1) + kg_sum
+        dg_ref[r, :] = jnp.sum(P_CC, axis=1) - jnp.sum(P_CC, axis=0) + b_C * kg_sum
+    dk_ref[...] = dk_CK
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,9 +432,17 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _intra(cfg, k, v, gamma, beta, seg):
+def _intra(cfg, k, v, gamma, beta, seg, with_tinv=False):
     B, Tp, H, HV, K, V, C, R = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V, cfg.C, cfg.R
     spec = pl.BlockSpec
+    out_specs = [
+        spec((None, C, R, K), lambda b, h, n: (b, n, h, 0)),
+        spec((None, C, R, V), lambda b, h, n: (b, n, h, 0)),
+    ]
+    out_shape = [_sds((B, Tp, HV, K), cfg.dtype), _sds((B, Tp, HV, V), cfg.dtype)]
+    if with_tinv:
+        out_specs.append(spec((None, R, C, C), lambda b, h, n: (b, h, n, 0)))
+        out_shape.append(_sds((B, HV, Tp, C), _F32))
     return _call(
         _intra_kernel,
         cfg,
@@ -426,11 +454,8 @@ def _intra(cfg, k, v, gamma, beta, seg):
             spec((None, R, C), lambda b, h, n: (b, h, n)),
             spec((None, C), lambda b, h, n: (b, n)),
         ],
-        [
-            spec((None, C, R, K), lambda b, h, n: (b, n, h, 0)),
-            spec((None, C, R, V), lambda b, h, n: (b, n, h, 0)),
-        ],
-        [_sds((B, Tp, HV, K), cfg.dtype), _sds((B, Tp, HV, V), cfg.dtype)],
+        out_specs,
+        out_shape,
         num_warps=cfg.warps_intra,
     )(k, v, gamma, beta, seg)
 
@@ -570,7 +595,7 @@ def _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do):
     )(q, k, gamma, seg, states, dstates, vn, do)
 
 
-def _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, states, dvn):
+def _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn):
     B, Tp, H, HV, K, V, R, C = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.C
     spec = pl.BlockSpec
     qk_spec = spec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
@@ -588,6 +613,7 @@ def _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, states, dvn):
             spec((None, C), lambda b, h, n: (b, n)),
             spec((None, C, R, K), lambda b, h, n: (b, n, h, 0)),
             crv_spec,
+            spec((None, R, C, C), lambda b, h, n: (b, h, n, 0)),
             spec((None, R, K, V), lambda b, h, n: (b, h, n, 0)),
             crv_spec,
         ],
@@ -598,8 +624,8 @@ def _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, states, dvn):
             _sds((B, HV, Tp), _F32),
             _sds((B, HV, Tp), _F32),
         ],
-        num_warps=cfg.warps_group,
-    )(k, v, gamma, beta, seg, w, u, states, dvn)
+        num_warps=cfg.warps_wy,
+    )(k, v, gamma, beta, seg, w, u, tinv, states, dvn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,11 +657,11 @@ def _pallas_core_fwd(cfg, q, k, v, gamma, beta, seg, state0):
 def _pallas_core_bwd(cfg, res, cts):
     q, k, v, gamma, beta, seg, states = res
     do, dfinal = cts
-    w, u = _intra(cfg, k, v, gamma, beta, seg)
+    w, u, tinv = _intra(cfg, k, v, gamma, beta, seg, with_tinv=True)
     vn, dv_local = _dv_local(cfg, q, k, w, u, states, gamma, seg, do)
     dstates, dvn, dstate0 = _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal)
     dq, dk_read, dgamma_read = _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do)
-    dk_wy, dv, dbeta, dgamma_wy = _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, states, dvn)
+    dk_wy, dv, dbeta, dgamma_wy = _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn)
     return (
         dq.astype(q.dtype),
         (dk_read + dk_wy).astype(k.dtype),
