@@ -283,6 +283,13 @@ def breakdown(B, T, tuning=None, reps=20, only=None):
             (k_, v_, gamma, beta_, seg, w, u, tinv, states, dvn),
         ),
         (
+            "gates kernel fwd+bwd",
+            jax.jit(
+                lambda g, b, seg, ct: jax.vjp(lambda g, b: drp._gates(cfg, g, b, seg), g, b)[1](ct)
+            ),
+            (g, beta.astype(jnp.float32), seg, (gamma, beta_)),
+        ),
+        (
             "prepare (mask/pad/cumsum)",
             jax.jit(lambda *a: dr._chunk_prepare(*a, None, None, 64)),
             (q, k, v, g, beta),
@@ -392,7 +399,7 @@ def main():
             bd[f"{s} {tuning}"] = r
     if "chunk" in impls:
         run_impl("chunk")
-    variants = [dict(bv_seq=32), dict(warps_intra=2)]
+    variants = [dict(gates_kernel=False)]
     var_res = []
     for s in [s for s in args.variants.split(",") if s]:
         B, T = (int(x) for x in s.split("x"))

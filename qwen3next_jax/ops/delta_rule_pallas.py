@@ -66,6 +66,7 @@ class _Cfg:
     warps_group: int = 8
     warps_wy: int = 8
     stages_seq: int = 2
+    gates_kernel: bool = True  # gamma/beta by _gates_kernel (where HV allows) instead of XLA
 
     @property
     def R(self):
@@ -202,6 +203,28 @@ def _kk_blocks(k_blocks, dtype):
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+
+
+def _same_doc_prefix(seg_C, C):
+    """M[r, s] = 1 where s <= r in the same document of the chunk (segmented cumsum matrix)."""
+    mask = (seg_C[:, None] == seg_C[None, :]) & (_iota((C, C), 0) >= _iota((C, C), 1))
+    return mask.astype(_F32)
+
+
+def _gates_kernel(g_ref, b_ref, s_ref, gam_ref, bt_ref, *, cfg):
+    """One chunk, all value heads: gamma = chunk-local cumsum of g restarting at document
+    starts, and beta, both transposed from [C, HV] to [HV, C]."""
+    M_CC = _same_doc_prefix(s_ref[...], cfg.C)
+    # gamma[h, r] = sum_s g[s, h] M[r, s]; exact fp32 products (zeros add nothing).
+    gam_ref[...] = _mm(g_ref[...], M_CC, _F32, ta=True, tb=True)
+    bt_ref[...] = b_ref[...].T
+
+
+def _gates_bwd_kernel(dgam_ref, dbt_ref, s_ref, dg_ref, db_ref, *, cfg):
+    M_CC = _same_doc_prefix(s_ref[...], cfg.C)
+    # dg[s, h] = sum_r M[r, s] dgamma[h, r]
+    dg_ref[...] = _mm(M_CC, dgam_ref[...], _F32, ta=True, tb=True)
+    db_ref[...] = dbt_ref[...].T
 
 
 def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, cfg):
@@ -430,6 +453,43 @@ def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, num_warps, num_stag
 
 def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _gates_call(cfg, kernel, a, b, seg, transpose_in):
+    B, Tp, HV, C = cfg.B, cfg.Tp, cfg.HV, cfg.C
+    spec = pl.BlockSpec
+    t_spec = spec((None, C, HV), lambda b, n: (b, n, 0))  # [B, Tp, HV]
+    h_spec = spec((None, HV, C), lambda b, n: (b, 0, n))  # [B, HV, Tp]
+    in_spec, out_spec = (h_spec, t_spec) if transpose_in else (t_spec, h_spec)
+    out_shape = (B, Tp, HV) if transpose_in else (B, HV, Tp)
+    return _call(
+        kernel,
+        cfg,
+        (B, cfg.N),
+        [in_spec, in_spec, spec((None, C), lambda b, n: (b, n))],
+        [out_spec, out_spec],
+        [_sds(out_shape, _F32), _sds(out_shape, _F32)],
+        num_warps=4,
+    )(a, b, seg)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gates(cfg, g, beta, seg):
+    """(g, beta [B,Tp,HV] f32, seg [B,Tp]) -> (gamma, beta) [B,HV,Tp] f32 (one small kernel)."""
+    return tuple(_gates_call(cfg, _gates_kernel, g, beta, seg, False))
+
+
+def _gates_fwd(cfg, g, beta, seg):
+    return _gates(cfg, g, beta, seg), seg
+
+
+def _gates_bwd(cfg, seg, cts):
+    dgamma, dbeta = cts
+    dg, db = _gates_call(cfg, _gates_bwd_kernel, dgamma, dbeta, seg, True)
+    return dg, db, None
+
+
+_gates.defvjp(_gates_fwd, _gates_bwd)
 
 
 def _intra(cfg, k, v, gamma, beta, seg, with_tinv=False):
@@ -730,13 +790,22 @@ def pallas_gated_delta_rule(
         bool(interpret),
         **(tuning or {}),
     )
+    if cfg.gates_kernel and (interpret or (HV >= 16 and HV & (HV - 1) == 0)):
+        # Gates in one small kernel (Triton needs a power-of-two HV >= 16 for its product);
+        # XLA then drops _chunk_prepare's gamma, a slow associative scan and transposes.
+        real_BT, _ = dr._segment_flags(segment_ids, B, T)
+        g_ = jnp.where(real_BT[:, :, None], g.astype(_F32), 0.0)
+        g_ = jnp.pad(g_, [(0, 0), (0, q_.shape[1] - T), (0, 0)])
+        gamma_t, beta_t = _gates(cfg, g_, beta_, seg)
+    else:
+        gamma_t, beta_t = jnp.swapaxes(gamma, 1, 2), jnp.swapaxes(beta_, 1, 2)
     o, final = _pallas_core(
         cfg,
         q_,
         k_,
         v_,
-        jnp.swapaxes(gamma, 1, 2),
-        jnp.swapaxes(beta_, 1, 2),
+        gamma_t,
+        beta_t,
         seg,
         dr._initial_state(initial_state, B, HV, K, V),
     )
