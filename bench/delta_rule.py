@@ -238,6 +238,9 @@ KVARIANTS = [
     (dict(warps_group=4), ("bwd dq/dk (read-out)",)),
     (dict(warps_wy=4), ("bwd WY (dk,dv,dbeta,dg)",)),
     (dict(warps_intra=8), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
+    (dict(split_intra=True), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
+    (dict(split_intra=True, warps_intra=2), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
+    (dict(split_intra=True, warps_par=8), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
     (dict(bv_par=128), ("fwd output", "bwd dv_local (+v_new)")),
     (dict(bv_par=32), ("fwd output", "bwd dv_local (+v_new)")),
     (dict(warps_par=8, bv_par=128), ("fwd output", "bwd dv_local (+v_new)")),
@@ -399,7 +402,7 @@ def main():
             bd[f"{s} {tuning}"] = r
     if "chunk" in impls:
         run_impl("chunk")
-    variants = [dict(gates_kernel=False)]
+    variants = [dict(split_intra=True), dict(gates_kernel=False)]
     var_res = []
     for s in [s for s in args.variants.split(",") if s]:
         B, T = (int(x) for x in s.split("x"))

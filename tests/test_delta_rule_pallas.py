@@ -36,6 +36,36 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
     assert np.all(np.asarray(o[0, 70:75]) == 0.0)
 
 
+def test_split_intra_kernels_match_reference():
+    """tuning split_intra: the inverse kernel plus whole-chunk W, U kernel, segments and pad."""
+    q, k, v, g, beta, s0 = make_inputs(26, B=2, T=100, H=2, HV=4)
+    seg = np.zeros((2, 100), np.int32)
+    seg[0, :20], seg[0, 20:64], seg[0, 64:70], seg[0, 75:] = 1, 2, 3, 4
+    seg[1, 3:50], seg[1, 50:] = 5, 6
+
+    def loss(q, k, v, g, beta, s0):
+        o, s = drp.pallas_gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=s0,
+            segment_ids=seg,
+            chunk_size=32,
+            interpret=True,
+            tuning=dict(split_intra=True),
+        )
+        return jnp.sum(jnp.sin(o) * o) + jnp.sum(jnp.cos(s)), (o, s)
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
+    (_, (o, s)), grads = f(q, k, v, g, beta, s0)
+    (_, (o_ref, s_ref)), g_ref = _value_and_grads("recurrent", 32, seg)(q, k, v, g, beta, s0)
+    assert rel(o, o_ref) < 1e-5 and rel(s, s_ref) < 1e-5
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "state0"), grads, g_ref, strict=True):
+        assert rel(a, b) < 1e-4, name
+
+
 def test_kernels_without_segments_one_value_head_per_key_head():
     q, k, v, g, beta, s0 = make_inputs(22, B=1, T=40, H=2, HV=2)
     (_, (o_ref, s_ref)), g_ref = _value_and_grads("recurrent", 16, None)(q, k, v, g, beta, s0)
@@ -54,12 +84,14 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
     assert rel(o, o_ref) < 2e-2 and rel(s, s_ref) < 2e-2
 
 
-@pytest.mark.parametrize("H, HV, n_kernels", [(2, 4, 8), (8, 16, 10)])
-def test_every_kernel_lowers_to_triton_for_cuda(H, HV, n_kernels):
+@pytest.mark.parametrize(
+    "H, HV, split, n_kernels", [(2, 4, False, 8), (8, 16, False, 10), (2, 4, True, 10)]
+)
+def test_every_kernel_lowers_to_triton_for_cuda(H, HV, split, n_kernels):
     """The Qwen3-Next shape (Dk = Dv = 128, HV = 2H, bf16, C = 64) through forward and backward:
     every pallas_call must lower to Triton IR (power-of-two tensors, supported primitives).
     3 forward kernels and 5 backward ones; with HV a power of two >= 16 also the gates kernel
-    and its backward (else XLA computes the gates)."""
+    and its backward (else XLA computes the gates); split_intra: intra is two kernels."""
     spec = jax.ShapeDtypeStruct
     B, T, K = 1, 200, 128
     bf = jnp.bfloat16
@@ -67,7 +99,9 @@ def test_every_kernel_lowers_to_triton_for_cuda(H, HV, n_kernels):
     args += (spec((B, T, HV), jnp.float32),) * 2 + (spec((B, HV, K, K), jnp.float32),)
 
     def loss(q, k, v, g, beta, s0, seg):
-        o, s = drp.pallas_gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=seg)
+        o, s = drp.pallas_gated_delta_rule(
+            q, k, v, g, beta, initial_state=s0, segment_ids=seg, tuning=dict(split_intra=split)
+        )
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
     traced = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*args, spec((B, T), jnp.int32))

@@ -66,6 +66,7 @@ class _Cfg:
     warps_group: int = 8
     warps_wy: int = 8
     stages_seq: int = 2
+    split_intra: bool = False  # intra as an inverse kernel + whole-chunk W, U kernel
     gates_kernel: bool = True  # gamma/beta by _gates_kernel (where HV allows) instead of XLA
 
     @property
@@ -230,8 +231,9 @@ def _gates_bwd_kernel(dgam_ref, dbt_ref, s_ref, dg_ref, db_ref, *, cfg):
 def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, cfg):
     """One chunk of one key head: W, U for its R value heads (refs [C,K], [C,R,V], [R,C]).
 
-    With a third output ref ([R,C,C] fp32, the backward's call) it also writes the full
-    (I + A)^-1 of every value head, upper blocks zero, for the WY backward's 64-row products.
+    With a third output ref ([R,C,C], the backward's call) it also writes the full (I + A)^-1
+    of every value head, upper blocks zero, for the WY backward's 64-row products (in the
+    storage dtype: every product casts it to that anyway).
     """
     n, nb, dt = cfg.sub, cfg.C // cfg.sub, cfg.dtype
     blk = lambda i: pl.ds(i * n, n)
@@ -247,7 +249,7 @@ def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, c
             for i in range(nb):
                 for j in range(nb):
                     blk_ij = Ti[i, j] if j <= i else jnp.zeros((n, n), _F32)
-                    tinv_ref[r, blk(i), blk(j)] = blk_ij
+                    tinv_ref[r, blk(i), blk(j)] = blk_ij.astype(tinv_ref.dtype)
         vb = [b_blocks[i][:, None] * v_ref[blk(i), r, :].astype(_F32) for i in range(nb)]
         kbg = [
             (b_blocks[i] * _masked_exp(s_blocks[i] == 0, g_blocks[i]))[:, None]
@@ -259,6 +261,32 @@ def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, c
             w = sum(_mm(Ti[i, j], kbg[j], dt) for j in range(i + 1))
             u_ref[blk(i), r, :] = u.astype(u_ref.dtype)
             w_ref[blk(i), r, :] = w.astype(w_ref.dtype)
+
+
+def _solve_kernel(k_ref, g_ref, b_ref, s_ref, tinv_ref, *, cfg):
+    """One chunk of one key head: (I + A)^-1 of its R value heads ([R,C,C], upper blocks 0)."""
+    n, nb, dt = cfg.sub, cfg.C // cfg.sub, cfg.dtype
+    blk = lambda i: pl.ds(i * n, n)
+    k_blocks = [k_ref[blk(i), :] for i in range(nb)]
+    s_blocks = [s_ref[blk(i)] for i in range(nb)]
+    kk = _kk_blocks(k_blocks, dt)
+    for r in range(cfg.R):
+        g_blocks = [g_ref[r, blk(i)] for i in range(nb)]
+        b_blocks = [b_ref[r, blk(i)] for i in range(nb)]
+        _, _, Ti = _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dt)
+        for i in range(nb):
+            for j in range(nb):
+                blk_ij = Ti[i, j] if j <= i else jnp.zeros((n, n), _F32)
+                tinv_ref[r, blk(i), blk(j)] = blk_ij.astype(tinv_ref.dtype)
+
+
+def _wu_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, tinv_ref, w_ref, u_ref, *, cfg):
+    """One chunk of one value head: W, U as whole-chunk products with the stored inverse."""
+    dt = cfg.dtype
+    Ti_CC, b_C = tinv_ref[...], b_ref[...]
+    bg_C = b_C * _masked_exp(s_ref[...] == 0, g_ref[...])
+    u_ref[...] = _mm(Ti_CC, b_C[:, None] * v_ref[...].astype(_F32), dt).astype(u_ref.dtype)
+    w_ref[...] = _mm(Ti_CC, bg_C[:, None] * k_ref[...].astype(_F32), dt).astype(w_ref.dtype)
 
 
 def _state_fwd_kernel(
@@ -492,7 +520,58 @@ def _gates_bwd(cfg, seg, cts):
 _gates.defvjp(_gates_fwd, _gates_bwd)
 
 
+def _solve(cfg, k, gamma, beta, seg):
+    B, Tp, HV, K, C, R = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.C, cfg.R
+    spec = pl.BlockSpec
+    rc_spec = spec((None, R, C), lambda b, h, n: (b, h, n))
+    return _call(
+        _solve_kernel,
+        cfg,
+        (B, cfg.H, cfg.N),
+        [
+            spec((None, C, None, K), lambda b, h, n: (b, n, h, 0)),
+            rc_spec,
+            rc_spec,
+            spec((None, C), lambda b, h, n: (b, n)),
+        ],
+        spec((None, R, C, C), lambda b, h, n: (b, h, n, 0)),
+        _sds((B, HV, Tp, C), cfg.dtype),
+        num_warps=cfg.warps_intra,
+    )(k, gamma, beta, seg)
+
+
+def _wu(cfg, k, v, gamma, beta, seg, tinv):
+    B, Tp, HV, K, V, C, R = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.C, cfg.R
+    spec = pl.BlockSpec
+    c_spec = spec((None, None, C), lambda b, j, n: (b, j, n))
+    return _call(
+        _wu_kernel,
+        cfg,
+        (B, HV, cfg.N),
+        [
+            spec((None, C, None, K), lambda b, j, n: (b, n, j // R, 0)),
+            spec((None, C, None, V), lambda b, j, n: (b, n, j, 0)),
+            c_spec,
+            c_spec,
+            spec((None, C), lambda b, j, n: (b, n)),
+            spec((None, None, C, C), lambda b, j, n: (b, j, n, 0)),
+        ],
+        [
+            spec((None, C, None, K), lambda b, j, n: (b, n, j, 0)),
+            spec((None, C, None, V), lambda b, j, n: (b, n, j, 0)),
+        ],
+        [_sds((B, Tp, HV, K), cfg.dtype), _sds((B, Tp, HV, V), cfg.dtype)],
+        num_warps=cfg.warps_par,
+    )(k, v, gamma, beta, seg, tinv)
+
+
 def _intra(cfg, k, v, gamma, beta, seg, with_tinv=False):
+    """W, U (and with_tinv the stored inverse): one fused kernel, or with cfg.split_intra the
+    inverse kernel then whole-chunk W, U products."""
+    if cfg.split_intra:
+        tinv = _solve(cfg, k, gamma, beta, seg)
+        w, u = _wu(cfg, k, v, gamma, beta, seg, tinv)
+        return (w, u, tinv) if with_tinv else (w, u)
     B, Tp, H, HV, K, V, C, R = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V, cfg.C, cfg.R
     spec = pl.BlockSpec
     out_specs = [
@@ -502,7 +581,7 @@ def _intra(cfg, k, v, gamma, beta, seg, with_tinv=False):
     out_shape = [_sds((B, Tp, HV, K), cfg.dtype), _sds((B, Tp, HV, V), cfg.dtype)]
     if with_tinv:
         out_specs.append(spec((None, R, C, C), lambda b, h, n: (b, h, n, 0)))
-        out_shape.append(_sds((B, HV, Tp, C), _F32))
+        out_shape.append(_sds((B, HV, Tp, C), cfg.dtype))
     return _call(
         _intra_kernel,
         cfg,
