@@ -386,9 +386,12 @@ def main():
                 )
 
     # Order by importance within the time budget: fla first (so the JAX paths are compared
-    # with its outputs as they finish), Pallas, its breakdown, pure JAX, tuning variants, check.
+    # with its outputs as they finish), Pallas, the check, its breakdown, kernel variants, pure
+    # JAX, tuning variants.
     for impl in [i for i in impls if i == "fla"] + [i for i in impls if i not in ("fla", "chunk")]:
         run_impl(impl)
+    if args.check:
+        guarded("check", check)
     bd = {}
     for s in [s for s in args.breakdown.split(",") if s]:
         B, T = (int(x) for x in s.split("x"))
@@ -412,9 +415,6 @@ def main():
                 var_res.append((s, tuning, r[0]))
                 fwd, fb = r[0]["fwd"], r[0]["fwdbwd"]
                 log(f"   variant {tuning}: fwd {fwd:.3f} ms, fwd+bwd {fb:.3f} ms")
-
-    if args.check:
-        guarded("check", check)
 
     lines = [
         "| B x T | impl | fwd ms | fwd+bwd ms | fwd ns/tok | fwd+bwd ns/tok | fwd / fla | "
