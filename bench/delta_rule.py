@@ -241,6 +241,8 @@ KVARIANTS = [
     (dict(split_intra=True), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
     (dict(split_intra=True, warps_intra=2), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
     (dict(split_intra=True, warps_par=8), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
+    (dict(dvl_in_state=True), ("bwd state pass", "bwd dv_local (+v_new)")),
+    (dict(dvl_in_state=True, bv_seq=64), ("bwd state pass",)),
     (dict(bv_par=128), ("fwd output", "bwd dv_local (+v_new)")),
     (dict(bv_par=32), ("fwd output", "bwd dv_local (+v_new)")),
     (dict(warps_par=8, bv_par=128), ("fwd output", "bwd dv_local (+v_new)")),
@@ -267,7 +269,9 @@ def breakdown(B, T, tuning=None, reps=20, only=None):
     _, _, tinv = intra_bwd(k_, v_, gamma, beta_, seg)
     states, vn, final = j(drp._state_fwd)(w, u, k_, gamma, seg, s0)
     vn2, dvl = j(drp._dv_local)(q_, k_, w, u, states, gamma, seg, do_)
-    dst, dvn, ds0 = j(drp._state_bwd)(q_, k_, w, gamma, seg, do_, dvl, final)
+    dst, dvn, ds0 = j(drp._state_bwd)(
+        q_, k_, w, gamma, seg, do_, None if cfg.dvl_in_state else dvl, final
+    )
     steps = [
         ("fwd intra (W,U)", j(drp._intra), (k_, v_, gamma, beta_, seg)),
         ("fwd state pass", j(drp._state_fwd), (w, u, k_, gamma, seg, s0)),
@@ -277,8 +281,14 @@ def breakdown(B, T, tuning=None, reps=20, only=None):
             (q_, k_, states, vn, gamma, seg),
         ),
         ("bwd intra (W,U,Tinv)", intra_bwd, (k_, v_, gamma, beta_, seg)),
-        ("bwd dv_local (+v_new)", j(drp._dv_local), (q_, k_, w, u, states, gamma, seg, do_)),
-        ("bwd state pass", j(drp._state_bwd), (q_, k_, w, gamma, seg, do_, dvl, final)),
+        ("bwd dv_local (+v_new)", j(drp._dv_local), (q_, k_, w, u, states, gamma, seg, do_))
+        if not cfg.dvl_in_state
+        else ("bwd dv_local (+v_new)", j(drp._vn), (w, u, states)),
+        (
+            "bwd state pass",
+            j(drp._state_bwd),
+            (q_, k_, w, gamma, seg, do_, None if cfg.dvl_in_state else dvl, final),
+        ),
         ("bwd dq/dk (read-out)", j(drp._dqk), (q_, k_, gamma, seg, states, dst, vn2, do_)),
         (
             "bwd WY (dk,dv,dbeta,dg)",
@@ -405,7 +415,7 @@ def main():
             bd[f"{s} {tuning}"] = r
     if "chunk" in impls:
         run_impl("chunk")
-    variants = [dict(split_intra=True), dict(gates_kernel=False)]
+    variants = [dict(split_intra=True, dvl_in_state=True), dict(gates_kernel=False)]
     var_res = []
     for s in [s for s in args.variants.split(",") if s]:
         B, T = (int(x) for x in s.split("x"))

@@ -36,8 +36,10 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
     assert np.all(np.asarray(o[0, 70:75]) == 0.0)
 
 
-def test_split_intra_kernels_match_reference():
-    """tuning split_intra: the inverse kernel plus whole-chunk W, U kernel, segments and pad."""
+@pytest.mark.parametrize("tuning", [dict(split_intra=True), dict(dvl_in_state=True)])
+def test_kernel_options_match_reference(tuning):
+    """split_intra: the inverse kernel plus whole-chunk W, U kernel; dvl_in_state: chunk-local
+    dv inside the reverse state pass. Segments and pad."""
     q, k, v, g, beta, s0 = make_inputs(26, B=2, T=100, H=2, HV=4)
     seg = np.zeros((2, 100), np.int32)
     seg[0, :20], seg[0, 20:64], seg[0, 64:70], seg[0, 75:] = 1, 2, 3, 4
@@ -54,7 +56,7 @@ def test_split_intra_kernels_match_reference():
             segment_ids=seg,
             chunk_size=32,
             interpret=True,
-            tuning=dict(split_intra=True),
+            tuning=tuning,
         )
         return jnp.sum(jnp.sin(o) * o) + jnp.sum(jnp.cos(s)), (o, s)
 
@@ -85,9 +87,15 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
 
 
 @pytest.mark.parametrize(
-    "H, HV, split, n_kernels", [(2, 4, False, 8), (8, 16, False, 10), (2, 4, True, 10)]
+    "H, HV, tuning, n_kernels",
+    [
+        (2, 4, {}, 8),
+        (8, 16, {}, 10),
+        (2, 4, dict(split_intra=True), 10),
+        (2, 4, dict(dvl_in_state=True), 8),
+    ],
 )
-def test_every_kernel_lowers_to_triton_for_cuda(H, HV, split, n_kernels):
+def test_every_kernel_lowers_to_triton_for_cuda(H, HV, tuning, n_kernels):
     """The Qwen3-Next shape (Dk = Dv = 128, HV = 2H, bf16, C = 64) through forward and backward:
     every pallas_call must lower to Triton IR (power-of-two tensors, supported primitives).
     3 forward kernels and 5 backward ones; with HV a power of two >= 16 also the gates kernel
@@ -100,7 +108,7 @@ def test_every_kernel_lowers_to_triton_for_cuda(H, HV, split, n_kernels):
 
     def loss(q, k, v, g, beta, s0, seg):
         o, s = drp.pallas_gated_delta_rule(
-            q, k, v, g, beta, initial_state=s0, segment_ids=seg, tuning=dict(split_intra=split)
+            q, k, v, g, beta, initial_state=s0, segment_ids=seg, tuning=tuning
         )
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 

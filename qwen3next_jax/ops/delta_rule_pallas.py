@@ -66,6 +66,7 @@ class _Cfg:
     warps_group: int = 8
     warps_wy: int = 8
     stages_seq: int = 2
+    dvl_in_state: bool = False  # chunk-local dv inside the reverse state pass
     split_intra: bool = False  # intra as an inverse kernel + whole-chunk W, U kernel
     gates_kernel: bool = True  # gamma/beta by _gates_kernel (where HV allows) instead of XLA
 
@@ -316,35 +317,52 @@ def _output_kernel(q_ref, k_ref, st_ref, vn_ref, g_ref, s_ref, o_ref, *, cfg):
     o_ref[...] = (cfg.scale * o_CV).astype(o_ref.dtype)
 
 
+def _vn_kernel(w_ref, u_ref, st_ref, vn_ref, *, cfg):
+    vn_CV = u_ref[...].astype(_F32) - _mm(w_ref[...], st_ref[...], cfg.dtype)
+    vn_ref[...] = vn_CV.astype(vn_ref.dtype)
+
+
 def _dv_local_kernel(
     q_ref, k_ref, w_ref, u_ref, st_ref, g_ref, s_ref, do_ref, vn_ref, dvl_ref, *, cfg
 ):
     dt = cfg.dtype
-    vn_CV = u_ref[...].astype(_F32) - _mm(w_ref[...], st_ref[...], dt)
-    vn_ref[...] = vn_CV.astype(vn_ref.dtype)
+    _vn_kernel(w_ref, u_ref, st_ref, vn_ref, cfg=cfg)
     L_CC, _, _, _ = _chunk_gates(g_ref[...], s_ref[...])
     aqk_CC = _mm(q_ref[...], k_ref[...], dt, tb=True) * L_CC
     dvl_ref[...] = cfg.scale * _mm(aqk_CC, do_ref[...], dt, ta=True)
 
 
-def _state_bwd_kernel(
-    q_ref, k_ref, w_ref, g_ref, s_ref, do_ref, dvl_ref, dfin_ref, dst_ref, dvn_ref, ds0_ref, *, cfg
-):
-    """Reverse pass for one value head and one V block: dS_KV is d(state after chunk n)."""
+def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, s_ref, do_ref, *refs, cfg):
+    """Reverse pass for one value head and one V block: dS_KV is d(state after chunk n).
+
+    refs: (dvl_ref,) dfin_ref, dst_ref, dvn_ref, ds0_ref; with cfg.dvl_in_state there is no
+    dvl_ref and the chunk-local dv = scale (q k^T . L)^T do is computed here, off the chain of
+    dependent products the pass waits on.
+    """
     C, K, N, dt = cfg.C, cfg.K, cfg.N, cfg.dtype
+    if cfg.dvl_in_state:
+        dfin_ref, dst_ref, dvn_ref, ds0_ref = refs
+    else:
+        dvl_ref, dfin_ref, dst_ref, dvn_ref, ds0_ref = refs
 
     def body(i, dS_KV):
         n = N - 1 - i
         rows = pl.ds(pl.multiple_of(n * C, C), C)
         dst_ref[pl.ds(pl.multiple_of(n * K, K), K), :] = dS_KV.astype(dst_ref.dtype)
-        _, gexp_C, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
-        kd_CK = k_ref[rows, :].astype(_F32) * kdec_C[:, None]
-        dvn_CV = dvl_ref[rows, :] + _mm(kd_CK, dS_KV, dt)
+        L_CC, gexp_C, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
+        k_CK, q_CK, do_CV = k_ref[rows, :], q_ref[rows, :], do_ref[rows, :]
+        if cfg.dvl_in_state:
+            aqk_CC = _mm(q_CK, k_CK, dt, tb=True) * L_CC
+            dvl_CV = cfg.scale * _mm(aqk_CC, do_CV, dt, ta=True)
+        else:
+            dvl_CV = dvl_ref[rows, :]
+        kd_CK = k_CK.astype(_F32) * kdec_C[:, None]
+        dvn_CV = dvl_CV + _mm(kd_CK, dS_KV, dt)
         dvn_ref[rows, :] = dvn_CV
-        qd_CK = q_ref[rows, :].astype(_F32) * (cfg.scale * gexp_C)[:, None]
+        qd_CK = q_CK.astype(_F32) * (cfg.scale * gexp_C)[:, None]
         return (
             passes * dS_KV
-            + _mm(qd_CK, do_ref[rows, :], dt, ta=True)
+            + _mm(qd_CK, do_CV, dt, ta=True)
             - _mm(w_ref[rows, :], dvn_CV, dt, ta=True)
         )
 
@@ -676,6 +694,25 @@ def _dv_local(cfg, q, k, w, u, states, gamma, seg, do):
     )(q, k, w, u, states, gamma, seg, do)
 
 
+def _vn(cfg, w, u, states):
+    B, Tp, HV, K, V, BV, C = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.BV, cfg.C
+    spec = pl.BlockSpec
+    cv_spec = spec((None, C, None, BV), lambda b, j, n, iv: (b, n, j, iv))
+    return _call(
+        _vn_kernel,
+        cfg,
+        (B, HV, cfg.N, V // BV),
+        [
+            spec((None, C, None, K), lambda b, j, n, iv: (b, n, j, 0)),
+            cv_spec,
+            spec((None, None, K, BV), lambda b, j, n, iv: (b, j, n, iv)),
+        ],
+        cv_spec,
+        _sds((B, Tp, HV, V), cfg.dtype),
+        num_warps=cfg.warps_par,
+    )(w, u, states)
+
+
 def _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal):
     B, Tp, HV, K, V, R, BV, N = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.BVS, cfg.N
     spec = pl.BlockSpec
@@ -693,7 +730,7 @@ def _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal):
             spec((None, None, Tp), lambda b, j, iv: (b, j, 0)),
             spec((None, Tp), lambda b, j, iv: (b, 0)),
             tv_spec,
-            tv_spec,
+            *([] if cfg.dvl_in_state else [tv_spec]),
             kv_spec,
         ],
         [spec((None, None, N * K, BV), lambda b, j, iv: (b, j, 0, iv)), tv_spec, kv_spec],
@@ -704,7 +741,7 @@ def _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal):
         ],
         num_warps=cfg.warps_seq,
         num_stages=cfg.stages_seq,
-    )(q, k, w, gamma, seg, do, dv_local, dfinal)
+    )(q, k, w, gamma, seg, do, *([] if cfg.dvl_in_state else [dv_local]), dfinal)
 
 
 def _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do):
@@ -797,7 +834,10 @@ def _pallas_core_bwd(cfg, res, cts):
     q, k, v, gamma, beta, seg, states = res
     do, dfinal = cts
     w, u, tinv = _intra(cfg, k, v, gamma, beta, seg, with_tinv=True)
-    vn, dv_local = _dv_local(cfg, q, k, w, u, states, gamma, seg, do)
+    if cfg.dvl_in_state:
+        vn, dv_local = _vn(cfg, w, u, states), None
+    else:
+        vn, dv_local = _dv_local(cfg, q, k, w, u, states, gamma, seg, do)
     dstates, dvn, dstate0 = _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal)
     dq, dk_read, dgamma_read = _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do)
     dk_wy, dv, dbeta, dgamma_wy = _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn)
