@@ -146,6 +146,34 @@ def bench_one(model, batch, context, k, new_tokens, repeats):
     )
 
 
+def write_table(rows, new_tokens):
+    """Print-ready markdown of ``rows``; also written to $OUT/decode_bench.md (default ./out)."""
+    cfg = model_config("hybrid")
+    lines = [
+        f"Decode, random weights, bf16, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers,"
+        f" {cfg.num_experts} experts top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}; "
+        f"{new_tokens - 1} timed tokens per row after the context; device "
+        f"{jax.devices()[0].device_kind}.",
+        "",
+        "| variant | batch | context | ms/token | tok/s | step ms | accepted/step "
+        "| tok/s if all accepted | GDN cache MiB | KV cache MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['batch']} | {r['context']} | {r['latency_ms']:.2f} | "
+            f"{r['tok_s']:.1f} | {r['step_ms']:.2f} | {r['accepted_per_step']:.2f} | "
+            f"{r['ideal_tok_s']:.1f} | {r['gdn_mib']:.1f} | {r['kv_mib']:.1f} |"
+        )
+    table = "\n".join(lines)
+    out_dir = os.environ.get("OUT", "out")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "decode_bench.md"), "w") as f:
+        f.write(table + "\n")
+
+    return table
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--variants", default="hybrid,full_attn,hybrid+mtp")
@@ -180,34 +208,13 @@ def main():
                         continue
                     r.update(variant=name, batch=B, context=C)
                     rows.append(r)
+                    write_table(rows, args.new_tokens)  # a run cut short keeps its rows
                     print(
                         f"{name:12s} B={B:3d} C={C:6d}  {r['latency_ms']:8.2f} ms/token  "
                         f"{r['tok_s']:10.1f} tok/s  accepted/step {r['accepted_per_step']:.2f}",
                         flush=True,
                     )
-    cfg = model_config("hybrid")
-    lines = [
-        f"Decode, random weights, bf16, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers,"
-        f" {cfg.num_experts} experts top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}; "
-        f"{args.new_tokens - 1} timed tokens per row after the context; device "
-        f"{jax.devices()[0].device_kind}.",
-        "",
-        "| variant | batch | context | ms/token | tok/s | step ms | accepted/step "
-        "| tok/s if all accepted | GDN cache MiB | KV cache MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['variant']} | {r['batch']} | {r['context']} | {r['latency_ms']:.2f} | "
-            f"{r['tok_s']:.1f} | {r['step_ms']:.2f} | {r['accepted_per_step']:.2f} | "
-            f"{r['ideal_tok_s']:.1f} | {r['gdn_mib']:.1f} | {r['kv_mib']:.1f} |"
-        )
-    table = "\n".join(lines)
-    print(table)
-    out_dir = os.environ.get("OUT", "out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "decode_bench.md"), "w") as f:
-        f.write(table + "\n")
+    print(write_table(rows, args.new_tokens))
 
 
 if __name__ == "__main__":
