@@ -7,8 +7,8 @@ inputs for a fixed random cotangent. JAX is timed with jax.block_until_ready ove
 after warm-up (median); fla with triton.testing.do_bench (median).
 
     PYTHONUNBUFFERED=1 python bench/delta_rule.py [--shapes 1x8192,1x32768,4x4096,8x4096]
-        [--impls pallas,fla,chunk] [--check] [--breakdown 1x32768] [--variants 1x32768]
-        [--budget 380]
+        [--impls pallas,fla,chunk,pallas_opt] [--opt-shapes 1x32768] [--check]
+        [--breakdown 1x32768] [--kvariants 1x32768] [--variants 1x32768] [--budget 380]
 
 Writes $OUT/delta_rule_bench.md (the table) and $OUT/delta_rule_bench.json; prints the table
 last. Sections that fail are logged and skipped; --budget (seconds) skips what would start late.
@@ -104,6 +104,8 @@ def time_jax(f, *args, reps=20, warmup=2):
 
 
 def jax_impl(name, tuning=None):
+    if name == "pallas_opt":
+        tuning = {**OPT, **(tuning or {})}
     if name == "chunk":
         return lambda q, k, v, g, beta: dr.chunk_gated_delta_rule(q, k, v, g, beta)[0]
     return lambda q, k, v, g, beta: drp.pallas_gated_delta_rule(
@@ -230,23 +232,21 @@ def bench_fla(B, T):
 # Launch variants timed kernel by kernel (--kvariants): (tuning, kernels it changes).
 KVARIANTS = [
     (dict(bv_seq=64), ("fwd state pass", "bwd state pass")),
-    (dict(bv_seq=32, stages_seq=3), ("fwd state pass", "bwd state pass")),
-    (dict(bv_seq=32, warps_seq=2), ("fwd state pass", "bwd state pass")),
     (dict(bv_seq=16), ("fwd state pass", "bwd state pass")),
+    (dict(stages_seq=3), ("fwd state pass", "bwd state pass")),
     (dict(bv_dqk=128), ("bwd dq/dk (read-out)",)),
-    (dict(bv_dqk=32), ("bwd dq/dk (read-out)",)),
     (dict(warps_group=4), ("bwd dq/dk (read-out)",)),
     (dict(warps_wy=4), ("bwd WY (dk,dv,dbeta,dg)",)),
     (dict(warps_intra=8), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
     (dict(split_intra=True), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
-    (dict(split_intra=True, warps_intra=2), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
-    (dict(split_intra=True, warps_par=8), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
+    (dict(split_intra=True, warps_par=8), ("fwd intra (W,U)",)),
     (dict(dvl_in_state=True), ("bwd state pass", "bwd dv_local (+v_new)")),
-    (dict(dvl_in_state=True, bv_seq=64), ("bwd state pass",)),
+    (dict(dvl_in_state=True, bv_seq=16), ("bwd state pass",)),
     (dict(bv_par=128), ("fwd output", "bwd dv_local (+v_new)")),
-    (dict(bv_par=32), ("fwd output", "bwd dv_local (+v_new)")),
-    (dict(warps_par=8, bv_par=128), ("fwd output", "bwd dv_local (+v_new)")),
 ]
+
+# Tuning of the "pallas_opt" rows (--impls ...,pallas_opt; shapes from --opt-shapes).
+OPT = dict(split_intra=True, dvl_in_state=True)
 
 
 def breakdown(B, T, tuning=None, reps=20, only=None):
@@ -328,6 +328,7 @@ def main():
     p.add_argument("--check", action="store_true")
     p.add_argument("--breakdown", default="")
     p.add_argument("--variants", default="")
+    p.add_argument("--opt-shapes", default="1x32768,8x4096", help="shapes of pallas_opt rows")
     p.add_argument("--kvariants", default="", help="BxT: time KVARIANTS kernel by kernel")
     p.add_argument("--budget", type=float, default=380.0)
     p.add_argument("--reps", type=int, default=20)
@@ -367,8 +368,10 @@ def main():
     impls = args.impls.split(",")
     fla_outs = {}
 
+    opt_shapes = [tuple(int(x) for x in s.split("x")) for s in args.opt_shapes.split(",") if s]
+
     def run_impl(impl):
-        for B, T in shapes:
+        for B, T in opt_shapes if impl == "pallas_opt" else shapes:
             if impl == "fla":
                 r = guarded(f"fla {B}x{T}", bench_fla, B, T)
             else:
@@ -396,9 +399,11 @@ def main():
                 )
 
     # Order by importance within the time budget: fla first (so the JAX paths are compared
-    # with its outputs as they finish), Pallas, the check, its breakdown, kernel variants, pure
-    # JAX, tuning variants.
-    for impl in [i for i in impls if i == "fla"] + [i for i in impls if i not in ("fla", "chunk")]:
+    # with its outputs as they finish), Pallas, the check, its breakdown, kernel variants,
+    # pallas_opt, pure JAX, tuning variants.
+    for impl in [i for i in impls if i == "fla"] + [
+        i for i in impls if i not in ("fla", "chunk", "pallas_opt")
+    ]:
         run_impl(impl)
     if args.check:
         guarded("check", check)
@@ -413,9 +418,11 @@ def main():
             log(f"kernel variant {tuning} {s}:")
             r = guarded(f"kvariant {tuning} {s}", breakdown, B, T, tuning, args.reps, names)
             bd[f"{s} {tuning}"] = r
+    if "pallas_opt" in impls:
+        run_impl("pallas_opt")
     if "chunk" in impls:
         run_impl("chunk")
-    variants = [dict(split_intra=True, dvl_in_state=True), dict(gates_kernel=False)]
+    variants = [dict(gates_kernel=False)]
     var_res = []
     for s in [s for s in args.variants.split(",") if s]:
         B, T = (int(x) for x in s.split("x"))
