@@ -64,7 +64,7 @@ class ModelConfig:
     # Execution knobs (not architecture): scan over repeating super-blocks, remat, kernel backends.
     scan_layers: bool = True
     remat_policy: str = "none"  # none | full | dots_saveable
-    attention_backend: str = "auto"  # auto | xla | cudnn
+    attention_backend: str = "auto"  # auto | xla | cudnn | splash | splash_interpret
     gdn_backend: str = "auto"  # auto | chunk | recurrent | pallas
     moe_backend: str = "auto"
     moe_capacity_factor: float | None = None
@@ -185,10 +185,25 @@ class ModelConfig:
                 f"remat_policy={self.remat_policy!r} must be one of 'none', 'full', "
                 "'dots_saveable'."
             )
-        if self.attention_backend not in ("auto", "xla", "cudnn"):
+        if self.attention_backend not in ("auto", "xla", "cudnn", "splash", "splash_interpret"):
             errs.append(
                 f"attention_backend={self.attention_backend!r} must be one of 'auto', 'xla', "
-                "'cudnn'."
+                "'cudnn', 'splash', 'splash_interpret'."
+            )
+        moe_backends = (
+            "auto",
+            "ragged_dot",
+            "tokamax",
+            "padded",
+            "pallas",
+            "megablox",
+            "megablox_interpret",
+            "dense",
+        )
+        if self.moe_backend not in moe_backends:
+            errs.append(
+                f"moe_backend={self.moe_backend!r} must be one of 'auto', 'ragged_dot', 'tokamax', "
+                "'padded', 'pallas', 'megablox', 'megablox_interpret', 'dense'."
             )
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             errs.append(f"moe_capacity_factor={self.moe_capacity_factor} must be positive or None.")

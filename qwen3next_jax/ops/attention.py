@@ -1,8 +1,11 @@
 """Causal grouped-query attention with packed-document masking; one seam, several backends.
 
 Backends: 'xla' (reference, any platform), 'cudnn' (flash attention through
-``jax.nn.dot_product_attention``, GPU only), 'auto' (cudnn on GPU, xla elsewhere). A TPU splash
-attention kernel plugs in here as another backend.
+``jax.nn.dot_product_attention``, GPU only), 'splash' (the Pallas TPU splash kernel,
+ops/attention_splash.py; self-attention with T a multiple of 128), 'splash_interpret' (the same
+kernel in Pallas interpret mode, any platform: tests), 'auto' (splash on TPU, cudnn on GPU, xla
+on CPU, for the platform `sharding.target_platform()` names; on TPU, shapes splash cannot run,
+such as a prompt of arbitrary length, fall back to xla).
 """
 
 from __future__ import annotations
@@ -10,14 +13,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "xla", "cudnn")
+from qwen3next_jax import sharding
+from qwen3next_jax.ops import attention_splash
+
+BACKENDS = ("auto", "xla", "cudnn", "splash", "splash_interpret")
 
 
 def resolve_backend(backend: str) -> str:
+    """The concrete backend for ``backend``; 'auto' follows `sharding.target_platform()`."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; expected one of {BACKENDS}.")
     if backend == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+        return {"tpu": "splash", "gpu": "cudnn"}.get(sharding.target_platform(), "xla")
     return backend
 
 
@@ -35,7 +42,18 @@ def causal_attention(
     ``segment_ids_BT`` a token attends only to earlier tokens of its own document; padding rows
     (id 0) attend to themselves only, so they stay finite.
     """
+    auto = backend == "auto"
     backend = resolve_backend(backend)
+    if backend in ("splash", "splash_interpret"):
+        if not (auto and not attention_splash.supports(q_BTNH, k_BSKH)):
+            return attention_splash.splash_attention(
+                q_BTNH,
+                k_BSKH,
+                v_BSKH,
+                segment_ids_BT=segment_ids_BT,
+                interpret=backend == "splash_interpret",
+            )
+        backend = "xla"
     mask = None
     if segment_ids_BT is not None:
         same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qwen3next_jax import sharding
 from qwen3next_jax.ops import moe_experts
 from qwen3next_jax.ops.moe_dispatch import (
     combine,
@@ -90,8 +91,9 @@ def _resolve_backend(backend: str) -> str:
         return backend
     # GPU: lax.ragged_dot's lowering densifies over groups (fails at 512 experts), and tokamax
     # 0.0.17's Mosaic kernels gave wrong weight gradients on an H200 (bench/RESULTS.md), so
-    # tokamax runs only when asked for by name.
-    return "pallas" if jax.default_backend() == "gpu" else "ragged_dot"
+    # tokamax runs only when asked for by name. TPU: megablox's Pallas grouped matmul.
+    # target_platform, not default_backend: an AOT compile for TPU traces on a CPU host.
+    return {"tpu": "megablox", "gpu": "pallas"}.get(sharding.target_platform(), "ragged_dot")
 
 
 def _capacity(capacity_factor, tokens: int, k: int, num_experts: int) -> int | None:
@@ -248,8 +250,9 @@ def routed_experts(
     x_TD [T, D] bf16/fp32; weights_TK [T, K] float32; idx_TK [T, K] int32 in [0, E);
     w_gate_EDF, w_up_EDF [E, D, F], w_down_EFD [E, F, D] (cast to x's dtype for the matmuls,
     which accumulate in fp32). The combine is fp32, cast to x's dtype.
-    backend: 'auto' | 'ragged_dot' | 'tokamax' | 'pallas' | 'padded' | 'dense' (moe_experts).
-      auto = ragged_dot on CPU/TPU, pallas on GPU (tokamax only by name: see _resolve_backend).
+    backend: 'auto' | 'ragged_dot' | 'tokamax' | 'pallas' | 'megablox' | 'megablox_interpret' |
+      'padded' | 'dense' (moe_experts). auto = megablox on TPU, pallas on GPU, ragged_dot
+      elsewhere (tokamax only by name: see _resolve_backend).
     capacity_factor: None = dropless; else per-expert capacity ceil(cf * T_group * K / E).
     mesh: optional; when it shards the experts (expert_axis) or the tokens (token_axes present
       in it), the op runs in shard_map with tokens split over token_axes and experts over

@@ -10,26 +10,43 @@ Rows outside every group may hold anything: callers never read them.
 | tokamax    | same                                     | N                              |
 | padded     | group g owns rows [g*C, (g+1)*C)         | G*C (C = capacity, N dropless) |
 | pallas     | each group starts on a tile boundary     | round_up(N + G*(tile-1), tile) |
+| megablox   | groups back to back from row 0           | round_up(N, 128 or 512)        |
 | dense      | groups back to back; every expert on every row, masked (reference) | N   |
 
 `padded` needs a static C: dropless it must be the worst case N (every entry to one group), G
 times the useful work, so it is only sensible with a capacity factor. `pallas` is the dropless
 GPU path: per-group padding to the kernel's row tile costs at most G*(tile-1) rows.
+`megablox` is the dropless TPU path (Pallas TPU grouped matmul, `jax.experimental.pallas.ops.
+tpu.megablox.gmm`, whose custom VJP computes weight gradients with `tgmm`): groups may start
+mid-tile (the kernel masks), only the row count is padded to its row tile.
+`megablox_interpret` runs the same kernels in Pallas interpret mode on any platform (tests).
 """
 
 import jax
 import jax.numpy as jnp
 
+from qwen3next_jax import sharding
 from qwen3next_jax.ops import moe_pallas
 from qwen3next_jax.ops.moe_dispatch import exclusive_cumsum, round_up
 
-BACKENDS = ("ragged_dot", "tokamax", "padded", "pallas", "dense")
+BACKENDS = ("ragged_dot", "tokamax", "padded", "pallas", "megablox", "megablox_interpret", "dense")
+
+MEGABLOX_MAX_TILE = 512  # rows / columns per megablox tile where the sizes allow
+
+
+def _megablox_rows(num_entries: int) -> int:
+    """Rows for megablox: a multiple of 512 (its row tile) when that wastes under a quarter,
+    else of 128 (the TPU minimum)."""
+    n = max(num_entries, 1)
+    return round_up(n, MEGABLOX_MAX_TILE) if n >= 4 * MEGABLOX_MAX_TILE else round_up(n, 128)
 
 
 def row_layout(backend: str, num_entries: int, num_groups: int, capacity: int | None):
     """Returns (num_rows, start_fn) for `place_by_group` under `backend`."""
     if backend in ("ragged_dot", "tokamax", "dense"):
         return num_entries, exclusive_cumsum
+    if backend in ("megablox", "megablox_interpret"):
+        return _megablox_rows(num_entries), exclusive_cumsum
     if backend == "padded":
         c = num_entries if capacity is None else min(capacity, num_entries)
         return num_groups * c, lambda sizes_G: jnp.arange(num_groups, dtype=jnp.int32) * c
@@ -69,8 +86,46 @@ def _tokamax_ragged_dot(a, w, sizes_G):
         ) from e
     # Output in the input dtype (kernels accumulate in fp32 inside); on GPU only the kernel
     # implementations: tokamax's XLA fallback is lax.ragged_dot, which densifies there.
-    impl = ("mosaic", "triton") if jax.default_backend() == "gpu" else None
+    impl = ("mosaic", "triton") if sharding.target_platform() == "gpu" else None
     return tokamax.ragged_dot(a, w, sizes_G, implementation=impl)
+
+
+def _megablox_tile(dim: int) -> int:
+    """The largest of 512, 256, 128 dividing dim; dim itself (a whole-axis block, always a legal
+    TPU block) when none does or dim is at most 512."""
+    if dim <= MEGABLOX_MAX_TILE:
+        return dim
+    for t in (MEGABLOX_MAX_TILE, 256, 128):
+        if dim % t == 0:
+            return t
+    return dim
+
+
+def _megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """megablox's tiling lookup, called by gmm / tgmm with each product's own (m, k, n): the
+    forward, the transposed backward and the weight-gradient kernels all get legal tiles."""
+    return _megablox_tile(m), _megablox_tile(k), _megablox_tile(n)
+
+
+def _megablox(x_RD, sizes_G, w_gate_GDF, w_up_GDF, w_down_GFD, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    # gmm assumes the groups cover all rows (its last group offset is the row count): the last
+    # group takes the trailing padding rows, whose x is zero and whose output nobody reads. They
+    # sit in that group's last, partly used tile, which is computed anyway.
+    rows = x_RD.shape[0]
+    sizes_G = sizes_G.astype(jnp.int32)
+    sizes_G = sizes_G.at[-1].add(rows - jnp.sum(sizes_G))
+
+    def mm(a, w):
+        # Positional: gmm is a custom_vjp whose static arguments are given by position.
+        return gmm(a, w, sizes_G, a.dtype, _megablox_tiling, None, None, False, interpret)
+
+    # Outputs in x's dtype (fp32 accumulation inside), so every backward product stays in x's
+    # dtype on the MXU; g and u are therefore rounded to x's dtype before the SwiGLU.
+    g, u = mm(x_RD, w_gate_GDF), mm(x_RD, w_up_GDF)
+    h = _swiglu_f32(g.astype(jnp.float32), u.astype(jnp.float32)).astype(x_RD.dtype)
+    return mm(h, w_down_GFD)
 
 
 def _padded(x_RD, w_gate_GDF, w_up_GDF, w_down_GFD):
@@ -116,6 +171,8 @@ def grouped_swiglu(
         return _padded(x_RD, wg, wu, wd)
     if backend == "pallas":
         return moe_pallas.tiled_swiglu(x_RD, sizes_G, start_G, wg, wu, wd)
+    if backend in ("megablox", "megablox_interpret"):
+        return _megablox(x_RD, sizes_G, wg, wu, wd, interpret=backend == "megablox_interpret")
     if backend == "dense":
         return _dense(x_RD, sizes_G, start_G, wg, wu, wd)
     raise ValueError(f"unknown MoE backend {backend!r}; expected one of {BACKENDS} or 'auto'")

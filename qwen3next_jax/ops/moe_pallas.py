@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from qwen3next_jax import sharding
 from qwen3next_jax.ops.moe_dispatch import round_up
 
 TILE_M = 128  # rows per tile; the layout pads each group to this
@@ -31,7 +32,7 @@ NUM_STAGES = 3
 
 
 def _interpret() -> bool:
-    return jax.default_backend() != "gpu"
+    return sharding.target_platform() != "gpu"
 
 
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined operand buffers (H100/H200 allow 227 KiB)
