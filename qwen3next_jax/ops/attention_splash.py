@@ -48,10 +48,10 @@ def block_size(T: int, max_block: int = MAX_BLOCK) -> int:
     return b
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(num_heads: int, T: int, block: int, interpret: bool):
-    """A splash kernel for [num_heads, T, H] queries under a causal mask (mask processing is
-    numpy work at trace time, hence cached)."""
+    """A splash kernel for [num_heads, T, H] queries under a causal mask. Built per trace: its
+    block tables become jnp arrays (tracers under jit), while the numpy mask analysis behind
+    them is cached by splash itself."""
     mask = splash.MultiHeadMask([splash.CausalMask((T, T)) for _ in range(num_heads)])
     blocks = splash.BlockSizes(
         block_q=block,
