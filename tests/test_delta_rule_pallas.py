@@ -36,10 +36,14 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
     assert np.all(np.asarray(o[0, 70:75]) == 0.0)
 
 
-@pytest.mark.parametrize("tuning", [dict(split_intra=True), dict(dvl_in_state=True)])
+@pytest.mark.parametrize(
+    "tuning",
+    [dict(split_intra=True), dict(dvl_in_state=True), dict(dqk_hv=True, wy_hv=True, bv_dqk=16)],
+)
 def test_kernel_options_match_reference(tuning):
     """split_intra: the inverse kernel plus whole-chunk W, U kernel; dvl_in_state: chunk-local
-    dv inside the reverse state pass. Segments and pad."""
+    dv inside the reverse state pass; dqk_hv / wy_hv: value-head grids for the two group
+    kernels (with dq/dk walking V in blocks). Segments and pad."""
     q, k, v, g, beta, s0 = make_inputs(26, B=2, T=100, H=2, HV=4)
     seg = np.zeros((2, 100), np.int32)
     seg[0, :20], seg[0, 20:64], seg[0, 64:70], seg[0, 75:] = 1, 2, 3, 4
@@ -93,6 +97,7 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
         (8, 16, {}, 10),
         (2, 4, dict(split_intra=True), 10),
         (2, 4, dict(dvl_in_state=True), 8),
+        (2, 4, dict(dqk_hv=True, wy_hv=True), 8),
     ],
 )
 def test_every_kernel_lowers_to_triton_for_cuda(H, HV, tuning, n_kernels):

@@ -59,13 +59,15 @@ class _Cfg:
     # the sequential loops.
     bv_seq: int = 32
     bv_par: int = 64
-    bv_dqk: int = 64
+    bv_dqk: int = 128
     warps_seq: int = 4
     warps_par: int = 4
     warps_intra: int = 4
     warps_group: int = 8
     warps_wy: int = 8
-    stages_seq: int = 2
+    stages_seq: int = 3
+    dqk_hv: bool = False  # dq/dk kernel on a value-head grid (dq, dk summed by XLA)
+    wy_hv: bool = False  # WY backward on a value-head grid (dk summed by XLA)
     dvl_in_state: bool = False  # chunk-local dv inside the reverse state pass
     split_intra: bool = False  # intra as an inverse kernel + whole-chunk W, U kernel
     gates_kernel: bool = True  # gamma/beta by _gates_kernel (where HV allows) instead of XLA
@@ -385,7 +387,7 @@ def _dqk_kernel(
     dq_CK = jnp.zeros((C, K), _F32)
     dk_CK = jnp.zeros((C, K), _F32)
     at_last = _iota((C,), 0) == C - 1
-    for r in range(cfg.R):
+    for r in range(1 if cfg.dqk_hv else cfg.R):
         gamma_C = g_ref[r, :]
         L_CC, gexp_C, kdec_C, passes = _chunk_gates(gamma_C, seg_C)
         dos_CK = jnp.zeros((C, K), _F32)
@@ -451,7 +453,7 @@ def _wy_bwd_kernel(
     rows, cols = _iota((C, C), 0), _iota((C, C), 1)
     strict = (seg_C[:, None] == seg_C[None, :]) & (rows > cols)
     dk_CK = jnp.zeros((C, cfg.K), _F32)
-    for r in range(cfg.R):
+    for r in range(1 if cfg.wy_hv else cfg.R):
         g_C, b_C = g_ref[r, :], b_ref[r, :]
         L_CC = _masked_exp(strict, g_C[:, None] - g_C[None, :])
         kkL_CC = kk_CC * L_CC
@@ -744,58 +746,73 @@ def _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal):
     )(q, k, w, gamma, seg, do, *([] if cfg.dvl_in_state else [dv_local]), dfinal)
 
 
-def _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do):
-    B, Tp, H, HV, K, V, R, C = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.C
+def _group_specs(cfg, hv):
+    """Grid and BlockSpec makers of a backward kernel on a key-head grid (one program per key
+    head and chunk, its R value heads in a loop) or, hv=True, a value-head grid."""
+    R, C = cfg.R, cfg.C
+    nr = 1 if hv else R
     spec = pl.BlockSpec
-    qk_spec = spec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
-    rkv_spec = spec((None, R, K, V), lambda b, h, n: (b, h, n, 0))
-    crv_spec = spec((None, C, R, V), lambda b, h, n: (b, n, h, 0))
-    rc_spec = spec((None, R, C), lambda b, h, n: (b, h, n))
+    kh = (lambda j: j // R) if hv else (lambda h: h)  # key head of grid index 1
+    return dict(
+        grid=(cfg.B, cfg.HV if hv else cfg.H, cfg.N),
+        nr=nr,
+        qk=lambda d: spec((None, C, None, d), lambda b, i, n: (b, n, kh(i), 0)),
+        # per-program outputs of key-head shape: [B,Tp,H,d], or [B,Tp,HV,d] summed later
+        out_qk=lambda d: spec((None, C, None, d), lambda b, i, n: (b, n, i, 0)),
+        crv=lambda d: spec((None, C, nr, d), lambda b, i, n: (b, n, i, 0)),
+        rc=spec((None, nr, C), lambda b, i, n: (b, i, n)),
+        rkv=lambda d1, d2: spec((None, nr, d1, d2), lambda b, i, n: (b, i, n, 0)),
+        c=spec((None, C), lambda b, i, n: (b, n)),
+    )
+
+
+def _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do):
+    B, Tp, H, HV, K, V = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V
+    sp = _group_specs(cfg, cfg.dqk_hv)
+    nh = HV if cfg.dqk_hv else H
     return _call(
         _dqk_kernel,
         cfg,
-        (B, H, cfg.N),
+        sp["grid"],
         [
-            qk_spec,
-            qk_spec,
-            rc_spec,
-            spec((None, C), lambda b, h, n: (b, n)),
-            rkv_spec,
-            rkv_spec,
-            crv_spec,
-            crv_spec,
+            sp["qk"](K),
+            sp["qk"](K),
+            sp["rc"],
+            sp["c"],
+            sp["rkv"](K, V),
+            sp["rkv"](K, V),
+            sp["crv"](V),
+            sp["crv"](V),
         ],
-        [qk_spec, qk_spec, rc_spec],
-        [_sds((B, Tp, H, K), _F32), _sds((B, Tp, H, K), _F32), _sds((B, HV, Tp), _F32)],
+        [sp["out_qk"](K), sp["out_qk"](K), sp["rc"]],
+        [_sds((B, Tp, nh, K), _F32), _sds((B, Tp, nh, K), _F32), _sds((B, HV, Tp), _F32)],
         num_warps=cfg.warps_group,
     )(q, k, gamma, seg, states, dstates, vn, do)
 
 
 def _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn):
-    B, Tp, H, HV, K, V, R, C = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.C
-    spec = pl.BlockSpec
-    qk_spec = spec((None, C, None, K), lambda b, h, n: (b, n, h, 0))
-    crv_spec = spec((None, C, R, V), lambda b, h, n: (b, n, h, 0))
-    rc_spec = spec((None, R, C), lambda b, h, n: (b, h, n))
+    B, Tp, H, HV, K, V, C = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V, cfg.C
+    sp = _group_specs(cfg, cfg.wy_hv)
+    nh = HV if cfg.wy_hv else H
     return _call(
         _wy_bwd_kernel,
         cfg,
-        (B, H, cfg.N),
+        sp["grid"],
         [
-            qk_spec,
-            crv_spec,
-            rc_spec,
-            rc_spec,
-            spec((None, C), lambda b, h, n: (b, n)),
-            spec((None, C, R, K), lambda b, h, n: (b, n, h, 0)),
-            crv_spec,
-            spec((None, R, C, C), lambda b, h, n: (b, h, n, 0)),
-            spec((None, R, K, V), lambda b, h, n: (b, h, n, 0)),
-            crv_spec,
+            sp["qk"](K),
+            sp["crv"](V),
+            sp["rc"],
+            sp["rc"],
+            sp["c"],
+            sp["crv"](K),
+            sp["crv"](V),
+            sp["rkv"](C, C),
+            sp["rkv"](K, V),
+            sp["crv"](V),
         ],
-        [qk_spec, crv_spec, rc_spec, rc_spec],
+        [sp["out_qk"](K), sp["crv"](V), sp["rc"], sp["rc"]],
         [
-            _sds((B, Tp, H, K), _F32),
+            _sds((B, Tp, nh, K), _F32),
             _sds((B, Tp, HV, V), _F32),
             _sds((B, HV, Tp), _F32),
             _sds((B, HV, Tp), _F32),
@@ -841,6 +858,12 @@ def _pallas_core_bwd(cfg, res, cts):
     dstates, dvn, dstate0 = _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal)
     dq, dk_read, dgamma_read = _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do)
     dk_wy, dv, dbeta, dgamma_wy = _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn)
+    # value-head grids give per-value-head dq, dk: sum each key head's group
+    group_sum = lambda x: x.reshape(*x.shape[:2], cfg.H, cfg.R, x.shape[-1]).sum(3)
+    if cfg.dqk_hv:
+        dq, dk_read = group_sum(dq), group_sum(dk_read)
+    if cfg.wy_hv:
+        dk_wy = group_sum(dk_wy)
     return (
         dq.astype(q.dtype),
         (dk_read + dk_wy).astype(k.dtype),
@@ -875,9 +898,9 @@ def pallas_gated_delta_rule(
     of two >= 16 and chunk_size 16, 32 or 64. Differentiable w.r.t. q, k, v, g, beta and
     initial_state; the backward reruns the intra-chunk kernel, so the saved activations are the
     inputs and the chunk-start states, O(T*H*Dk + T*HV*Dv + N*HV*Dk*Dv). tuning: optional dict
-    of _Cfg launch fields (bv_seq, bv_par, warps_seq, warps_par, warps_intra, warps_group,
-    stages_seq). Compiled for the GPU (interpret=False) the kernels take 16-bit q, k, v only:
-    with float32 operands the backward's tiles exceed shared memory (measured on an H200).
+    of _Cfg launch fields and kernel options (see _Cfg). Compiled for the GPU (interpret=False)
+    the kernels take 16-bit q, k, v only: with float32 operands the backward's tiles exceed
+    shared memory (measured on an H200).
     """
     B, T, H, K, HV, V = dr._check_inputs(q, k, v, g, beta, initial_state, segment_ids)
     dr._check_chunk_size(chunk_size)
