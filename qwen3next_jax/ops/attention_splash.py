@@ -35,9 +35,27 @@ MIN_BLOCK = 128  # the TPU lane width: T must be a multiple of it
 
 
 def supports(q_BTNH: jax.Array, k_BSKH: jax.Array) -> bool:
-    """Whether splash can run these shapes: self-attention with T a multiple of MIN_BLOCK."""
-    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
-    return T == S and T % MIN_BLOCK == 0 and q_BTNH.shape[2] % k_BSKH.shape[2] == 0
+    """Whether splash can run these shapes: self-attention with T a multiple of MIN_BLOCK, and
+    under an active mesh a batch and head count that its batch and head shards divide."""
+    B, T, N, _ = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    if not (T == S and T % MIN_BLOCK == 0 and N % K == 0):
+        return False
+    ctx = sharding.current()
+    if ctx is None:
+        return True
+    spec = sharding.logical_to_spec(("batch", None, "act_heads", None), ctx.rules, ctx.mesh)
+    b_shards, n_shards = (_shards(ctx.mesh, spec[i]) for i in (0, 2))
+    return B % b_shards == 0 and N % n_shards == 0
+
+
+def _axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _shards(mesh, entry) -> int:
+    return math.prod(mesh.shape[a] for a in _axes(entry))
 
 
 def block_size(T: int, max_block: int = MAX_BLOCK) -> int:
@@ -138,11 +156,8 @@ def splash_attention(
     batch_axes, head_axes = q_spec[0], q_spec[2]
     kv_spec = P(batch_axes, None, None, None)
     seg_spec = P(batch_axes, None)
-    if head_axes is None:
-        head_axes = ()
-    elif isinstance(head_axes, str):
-        head_axes = (head_axes,)
-    head_shards = math.prod(ctx.mesh.shape[a] for a in head_axes)
+    head_axes = _axes(head_axes)
+    head_shards = _shards(ctx.mesh, head_axes)
 
     def body(q, k, v, *seg):
         k = _kv_for_local_heads(k, N, head_axes, head_shards)

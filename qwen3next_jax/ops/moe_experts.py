@@ -111,8 +111,9 @@ def _megablox(x_RD, sizes_G, w_gate_GDF, w_up_GDF, w_down_GFD, interpret: bool):
     from jax.experimental.pallas.ops.tpu.megablox import gmm
 
     # gmm assumes the groups cover all rows (its last group offset is the row count): the last
-    # group takes the trailing padding rows, whose x is zero and whose output nobody reads. They
-    # sit in that group's last, partly used tile, which is computed anyway.
+    # group takes the trailing padding rows. Nobody reads their outputs, so their cotangents are
+    # zero and they add nothing to the weight gradients; they sit in that group's last, partly
+    # used tile, which is computed anyway.
     rows = x_RD.shape[0]
     sizes_G = sizes_G.astype(jnp.int32)
     sizes_G = sizes_G.at[-1].add(rows - jnp.sum(sizes_G))
