@@ -106,6 +106,8 @@ def time_jax(f, *args, reps=20, warmup=2):
 def jax_impl(name, tuning=None):
     if name == "pallas_opt":
         tuning = {**OPT, **(tuning or {})}
+    if name == "pallas_tuned":
+        tuning = {**TUNED, **(tuning or {})}
     if name == "chunk":
         return lambda q, k, v, g, beta: dr.chunk_gated_delta_rule(q, k, v, g, beta)[0]
     return lambda q, k, v, g, beta: drp.pallas_gated_delta_rule(
@@ -132,8 +134,9 @@ def rel_l2(a, b):
 # ------------------------------------------------------------------------------------------
 
 
-def check():
-    """Pallas vs the pure-JAX chunk path (fp32 on the same bf16-rounded values), segments."""
+def check(tuning=None):
+    """Pallas (launch config tuning) vs the pure-JAX chunk path (fp32 on the same bf16-rounded
+    values), segments."""
     rng = np.random.default_rng(1)
     B, T, h, hv, d = 2, 300, 2, 4, K
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -148,13 +151,14 @@ def check():
     seg[1, 5:150], seg[1, 150:] = 5, 6
 
     def vg(backend):
-        if backend == "pallas" and INTERPRET:
-            backend = "pallas_interpret"
-
         def loss(q, k, v, g, beta, s0):
-            o, s = dr.gated_delta_rule(
-                q, k, v, g, beta, initial_state=s0, segment_ids=seg, backend=backend
-            )
+            kw = dict(initial_state=s0, segment_ids=seg)
+            if backend == "chunk":
+                o, s = dr.gated_delta_rule(q, k, v, g, beta, backend=backend, **kw)
+            else:
+                o, s = drp.pallas_gated_delta_rule(
+                    q, k, v, g, beta, interpret=INTERPRET, tuning=tuning, **kw
+                )
             return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(jnp.cos(s)), (o, s)
 
         return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6)), has_aux=True))
@@ -170,7 +174,10 @@ def check():
             rel_l2(a, b) for a, b in zip(g_p, g_r, strict=True)
         ]
         names = ["o", "state", "dq", "dk", "dv", "dg", "dbeta", "dstate0"]
-        log(f"check {jnp.dtype(dtype).name} B{B} T{T} segments, rel L2 err pallas vs chunk:")
+        log(
+            f"check {jnp.dtype(dtype).name} B{B} T{T} segments, tuning {tuning}, "
+            "rel L2 err pallas vs chunk:"
+        )
         log("   " + " ".join(f"{n}={e:.2e}" for n, e in zip(names, errs, strict=True)))
         finite = all(np.isfinite(np.asarray(x)).all() for x in (o_p, s_p, *g_p))
         pad_zero = bool(np.all(np.asarray(o_p)[0, 200:210] == 0))
@@ -245,33 +252,98 @@ KVARIANTS = [
     (dict(bv_par=128), ("fwd output", "bwd dv_local (+v_new)")),
 ]
 
+# --autotune BxT: greedy per-kernel choice, group by group, each candidate merged onto the best
+# so far; the first candidate of each group is the current config. The "pallas_tuned" rows
+# then run with the result.
+TUNE_GROUPS = [
+    (("bwd state pass", "bwd dv_local (+v_new)"), [{}, dict(dvl_in_state=True)]),
+    (
+        ("bwd dq/dk (read-out)",),
+        [{}, dict(dqk_hv=True, warps_group=4), dict(dqk_hv=True, warps_group=8)],
+    ),
+    (
+        ("bwd WY (dk,dv,dbeta,dg)",),
+        [{}, dict(warps_wy=4), dict(wy_hv=True, warps_wy=4), dict(wy_hv=True, warps_wy=8)],
+    ),
+    (("fwd intra (W,U)", "bwd intra (W,U,Tinv)"), [{}, dict(split_intra=True)]),
+    (("fwd output", "bwd dv_local (+v_new)"), [{}, dict(bv_par=128)]),
+]
+TUNED = {}
+
+
+def autotune(B, T, reps):
+    base = dict(breakdown(B, T, None, reps))
+    best = {}
+    for names, cands in TUNE_GROUPS:
+        times = []
+        for c in cands:
+            if not c:
+                bd = base if not best else dict(breakdown(B, T, best, reps, names))
+            else:
+                log(f"autotune candidate {c}:")
+                bd = dict(breakdown(B, T, {**best, **c}, reps, names))
+            times.append(sum(bd[n] for n in names))
+        i = min(range(len(cands)), key=lambda i: times[i])
+        if times[i] < 0.98 * times[0]:  # keep the current config unless 2% faster
+            best.update(cands[i])
+        pairs = zip(cands, times, strict=True)
+        log(f"autotune {names}: " + ", ".join(f"{c}={t:.3f}" for c, t in pairs))
+        log(f"autotune best so far: {best}")
+    TUNED.clear()
+    TUNED.update(best)
+    return best
+
+
 # Tuning of the "pallas_opt" rows (--impls ...,pallas_opt; shapes from --opt-shapes).
 OPT = dict(split_intra=True, dvl_in_state=True)
 
 
-def breakdown(B, T, tuning=None, reps=20, only=None):
-    """Per-kernel times of the Pallas path (each kernel jitted alone on real intermediates).
-
-    only: names of the kernels to time (None: all)."""
+@functools.cache
+def _intermediates(B, T):
+    """Inputs and real intermediates of the Pallas path (default launch config), once a shape."""
     q, k, v, g, beta, do = to_jax(make_inputs(B, T))
     q_, k_, v_, gamma, beta_, seg = jax.jit(
         lambda q, k, v, g, beta: dr._chunk_prepare(q, k, v, g, beta, None, None, 64)
     )(q, k, v, g, beta)
     gamma, beta_ = jnp.swapaxes(gamma, 1, 2), jnp.swapaxes(beta_, 1, 2)
-    cfg = drp._Cfg(
-        B, q_.shape[1], H, HV, K, V, 64, K**-0.5, "bfloat16", INTERPRET, **(tuning or {})
-    )
+    cfg = drp._Cfg(B, q_.shape[1], H, HV, K, V, 64, K**-0.5, "bfloat16", INTERPRET)
     s0 = jnp.zeros((B, HV, K, V), jnp.float32)
     do_ = jnp.pad(do, [(0, 0), (0, q_.shape[1] - T), (0, 0), (0, 0)])
     j = lambda fn: jax.jit(functools.partial(fn, cfg))
-    w, u = j(drp._intra)(k_, v_, gamma, beta_, seg)
-    intra_bwd = jax.jit(lambda *a: drp._intra(cfg, *a, with_tinv=True))
-    _, _, tinv = intra_bwd(k_, v_, gamma, beta_, seg)
+    w, u, tinv = jax.jit(lambda *a: drp._intra(cfg, *a, with_tinv=True))(k_, v_, gamma, beta_, seg)
     states, vn, final = j(drp._state_fwd)(w, u, k_, gamma, seg, s0)
     vn2, dvl = j(drp._dv_local)(q_, k_, w, u, states, gamma, seg, do_)
-    dst, dvn, ds0 = j(drp._state_bwd)(
-        q_, k_, w, gamma, seg, do_, None if cfg.dvl_in_state else dvl, final
-    )
+    dst, dvn, ds0 = j(drp._state_bwd)(q_, k_, w, gamma, seg, do_, dvl, final)
+    return dict(
+        q=q, k=k, v=v, g=g, beta=beta, q_=q_, k_=k_, v_=v_, gamma=gamma, beta_=beta_, seg=seg,
+        s0=s0, do_=do_, w=w, u=u, tinv=tinv, states=states, vn=vn, final=final, vn2=vn2,
+        dvl=dvl, dst=dst, dvn=dvn, Tp=q_.shape[1],
+    )  # fmt: skip
+
+
+def breakdown(B, T, tuning=None, reps=20, only=None):
+    """Per-kernel times of the Pallas path (each kernel jitted alone on real intermediates).
+
+    only: names of the kernels to time (None: all). Kernels on value-head grids include the
+    XLA sum of their per-value-head dq / dk."""
+    x = _intermediates(B, T)
+    q, k, v, g, beta = x["q"], x["k"], x["v"], x["g"], x["beta"]
+    q_, k_, v_, gamma, beta_, seg = x["q_"], x["k_"], x["v_"], x["gamma"], x["beta_"], x["seg"]
+    s0, do_, w, u, tinv, states = x["s0"], x["do_"], x["w"], x["u"], x["tinv"], x["states"]
+    vn, final, vn2, dvl, dst, dvn = x["vn"], x["final"], x["vn2"], x["dvl"], x["dst"], x["dvn"]
+    cfg = drp._Cfg(B, x["Tp"], H, HV, K, V, 64, K**-0.5, "bfloat16", INTERPRET, **(tuning or {}))
+    j = lambda fn: jax.jit(functools.partial(fn, cfg))
+    intra_bwd = jax.jit(lambda *a: drp._intra(cfg, *a, with_tinv=True))
+    gsum = lambda x: x.reshape(*x.shape[:2], H, HV // H, x.shape[-1]).sum(3)
+
+    def dqk(*a):
+        dq, dk, dg = drp._dqk(cfg, *a)
+        return (gsum(dq), gsum(dk), dg) if cfg.dqk_hv else (dq, dk, dg)
+
+    def wy(*a):
+        dk, dv, db, dg = drp._wy_bwd(cfg, *a)
+        return (gsum(dk) if cfg.wy_hv else dk), dv, db, dg
+
     steps = [
         ("fwd intra (W,U)", j(drp._intra), (k_, v_, gamma, beta_, seg)),
         ("fwd state pass", j(drp._state_fwd), (w, u, k_, gamma, seg, s0)),
@@ -289,10 +361,10 @@ def breakdown(B, T, tuning=None, reps=20, only=None):
             j(drp._state_bwd),
             (q_, k_, w, gamma, seg, do_, None if cfg.dvl_in_state else dvl, final),
         ),
-        ("bwd dq/dk (read-out)", j(drp._dqk), (q_, k_, gamma, seg, states, dst, vn2, do_)),
+        ("bwd dq/dk (read-out)", jax.jit(dqk), (q_, k_, gamma, seg, states, dst, vn2, do_)),
         (
             "bwd WY (dk,dv,dbeta,dg)",
-            j(drp._wy_bwd),
+            jax.jit(wy),
             (k_, v_, gamma, beta_, seg, w, u, tinv, states, dvn),
         ),
         (
@@ -330,6 +402,7 @@ def main():
     p.add_argument("--variants", default="")
     p.add_argument("--opt-shapes", default="1x32768,8x4096", help="shapes of pallas_opt rows")
     p.add_argument("--kvariants", default="", help="BxT: time KVARIANTS kernel by kernel")
+    p.add_argument("--autotune", default="", help="BxT: choose TUNE_GROUPS, then pallas_tuned")
     p.add_argument("--budget", type=float, default=380.0)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--interpret", action="store_true")
@@ -401,11 +474,18 @@ def main():
     # Order by importance within the time budget: fla first (so the JAX paths are compared
     # with its outputs as they finish), Pallas, the check, its breakdown, kernel variants,
     # pallas_opt, pure JAX, tuning variants.
+    if args.autotune:
+        B, T = (int(x) for x in args.autotune.split("x"))
+        log(f"autotune pallas {B}x{T}:")
+        tuned = guarded(f"autotune {args.autotune}", autotune, B, T, args.reps)
+        log(f"TUNED = {tuned}")
+        if args.check:  # the tuned config's check before its rows
+            guarded("check", check, TUNED)
     for impl in [i for i in impls if i == "fla"] + [
         i for i in impls if i not in ("fla", "chunk", "pallas_opt")
     ]:
         run_impl(impl)
-    if args.check:
+    if args.check and not args.autotune:
         guarded("check", check)
     bd = {}
     for s in [s for s in args.breakdown.split(",") if s]:
