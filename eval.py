@@ -108,7 +108,7 @@ def _rebuild_for(config, model_cfg):
 
     for k, v in model_cfg.to_dict().items():
         config.model[k] = tuple(v) if isinstance(v, list) else v
-    return train_step.build(config, sharding.make_mesh(config.mesh.to_dict()))
+    return train_step.build(config, sharding.mesh_from_config(config))
 
 
 def _print_table(rows: dict) -> None:
@@ -145,7 +145,7 @@ def main(argv):
 
     config, data_dir = _load_config(workdir)
     try:
-        mesh = sharding.make_mesh(config.mesh.to_dict())
+        mesh = sharding.mesh_from_config(config)
         trainer = train_step.build(config, mesh)
     except (ValueError, KeyError, AttributeError) as e:
         raise app.UsageError(f"the config is not usable: {e}") from None

@@ -70,5 +70,8 @@ def base_config(model: ModelConfig) -> ml_collections.ConfigDict:
     c.loss.z_coef = 0.0
     c.loss.ce_chunk_tokens = 0  # >0: memory-bounded cross-entropy over chunks of this many tokens
 
+    # Parallelism inside one slice (ICI; one size may be -1 = the rest) and across TPU slices
+    # (DCN, multi-slice; its product is the number of slices). Axis size = mesh x dcn_mesh.
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tensor": 1})
+    c.dcn_mesh = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "expert": 1, "tensor": 1})
     return c

@@ -208,6 +208,20 @@ def test_chunk_gradients_match_recurrent(segmented):
         assert np.all(np.asarray(grads[2][0, 150:160]) == 0.0)
 
 
+def test_chunk_mxu_tpu_path_matches_recurrent_to_bf16_accuracy():
+    """The TPU path ("chunk_mxu": bf16 Gram products, fp32 inverse and state) keeps outputs,
+    final state and every gradient within bf16 rounding of the fp32 reference, segments on."""
+    q, k, v, g, beta, s0 = make_inputs(12, T=200)
+    mxu = functools.partial(dr.gated_delta_rule, backend="chunk_mxu")
+    o_ref, s_ref = run(dr.recurrent_gated_delta_rule, q, k, v, g, beta, s0, SEGMENT_IDS)
+    o, s = run(mxu, q, k, v, g, beta, s0, SEGMENT_IDS)
+    assert 1e-7 < rel(o, o_ref) < 1e-2 and rel(s, s_ref) < 1e-2  # bf16 really was used
+    grads_ref = _loss(dr.recurrent_gated_delta_rule, 64, SEGMENT_IDS)(q, k, v, g, beta, s0)
+    grads = _loss(mxu, 64, SEGMENT_IDS)(q, k, v, g, beta, s0)
+    for name, a, b in zip(("q", "k", "v", "g", "beta", "state0"), grads, grads_ref, strict=True):
+        assert rel(a, b) < 2e-2, name
+
+
 @pytest.mark.slow
 def test_chunk_vjp_keeps_only_inputs_and_chunk_states():
     """Saved activations and peak temporaries of the custom VJP vs autodiff through the scan."""

@@ -16,9 +16,11 @@ token whose id differs from the previous token's id starts from a zero state; in
 to the document holding token 0; padding tokens leave the state untouched and output 0, so the
 final state is the state after the last real token.
 
-Platforms. On TPU (and CPU) the pure-JAX chunk path runs today: its intra-chunk work is batched
-einsums and a unit-lower-triangular inverse built from products, its inter-chunk pass one
-lax.scan, all fp32 at Precision.HIGHEST. On GPU "auto" takes the Pallas Triton kernels of
+Platforms. On TPU the pure-JAX chunk path runs today as "chunk_mxu": its intra-chunk work is
+batched einsums (the q kᵀ and k kᵀ Gram products with bf16 operands and fp32 accumulation, one
+MXU pass) and a unit-lower-triangular inverse built from products, its inter-chunk pass one
+lax.scan over the fp32 state; the inverse, W, U and the state pass are fp32 at Precision.HIGHEST.
+On CPU "chunk" is all fp32 at HIGHEST. On GPU "auto" takes the Pallas Triton kernels of
 delta_rule_pallas.py for 16-bit inputs. A Mosaic TPU kernel plugs in at the seam the Pallas GPU
 kernels use: `_chunk_prepare` (masking, padding, chunk-local cumsum of g, chunk-local segment
 counters; plain autodiff) feeds a core with the contract of `_chunk_core` -- (q, k, v, gamma,
@@ -35,10 +37,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qwen3next_jax import sharding
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _einsum = functools.partial(jnp.einsum, precision=_HIGHEST)
 
-BACKENDS = ("auto", "chunk", "recurrent", "pallas", "pallas_interpret")
+BACKENDS = ("auto", "chunk", "chunk_mxu", "recurrent", "pallas", "pallas_interpret")
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +265,25 @@ def _unit_lower_inverse(a_CC: jax.Array) -> jax.Array:
     return s_CC
 
 
-def _intra(q_NBHCK, k_NBHCK, v_NBHRCV, gamma_NBHRC, beta_NBHRC, seg_NBC):
+def _gram(x_NBHCK, y_NBHCK, mxu: bool):
+    """x yᵀ within each chunk, [N,B,H,C,C] fp32.
+
+    mxu=True feeds the matrix unit bf16 operands with fp32 accumulation (one MXU pass instead of
+    HIGHEST's six on TPU); only these Gram products of unit-norm q, k take it: the inverse, W, U
+    and the state pass stay fp32 at HIGHEST, where bf16 noise compounds (spec P9, P10).
+    """
+    if mxu:
+        bf16 = jnp.bfloat16
+        return jnp.einsum(
+            "nbhck,nbhsk->nbhcs",
+            x_NBHCK.astype(bf16),
+            y_NBHCK.astype(bf16),
+            preferred_element_type=jnp.float32,
+        )
+    return _einsum("nbhck,nbhsk->nbhcs", x_NBHCK, y_NBHCK)
+
+
+def _intra(q_NBHCK, k_NBHCK, v_NBHRCV, gamma_NBHRC, beta_NBHRC, seg_NBC, mxu=False):
     """Everything that is parallel over chunks (spec §4.3 steps 2-6 plus the read-out pieces).
 
     Segment boundaries inside a chunk act as a log-decay of -inf: the decay matrix is masked to
@@ -277,7 +299,7 @@ def _intra(q_NBHCK, k_NBHCK, v_NBHRCV, gamma_NBHRC, beta_NBHRC, seg_NBC):
     diff_NBHRCC = gamma_NBHRC[..., :, None] - gamma_NBHRC[..., None, :]
     decay_NBHRCC = jnp.where(mask6, jnp.exp(jnp.where(mask6, diff_NBHRCC, 0.0)), 0.0)
 
-    kk_NBHCC = _einsum("nbhck,nbhsk->nbhcs", k_NBHCK, k_NBHCK)
+    kk_NBHCC = _gram(k_NBHCK, k_NBHCK, mxu)
     a_NBHRCC = jnp.where(
         strict6, beta_NBHRC[..., :, None] * kk_NBHCC[:, :, :, None] * decay_NBHRCC, 0.0
     )
@@ -292,7 +314,7 @@ def _intra(q_NBHCK, k_NBHCK, v_NBHRCV, gamma_NBHRC, beta_NBHRC, seg_NBC):
     sol = _einsum("...cs,...sd->...cd", inv_NBHRCC, jnp.concatenate([vb_NBHRCV, kbg_NBHRCK], -1))
     u_NBHRCV, w_NBHRCK = sol[..., :V], sol[..., V:]
 
-    qk_NBHCC = _einsum("nbhck,nbhsk->nbhcs", q_NBHCK, k_NBHCK)
+    qk_NBHCC = _gram(q_NBHCK, k_NBHCK, mxu)
     aqk_NBHRCC = qk_NBHCC[:, :, :, None] * decay_NBHRCC
     qd_NBHRCK = gexp_NBHRC[..., None] * q_NBHCK[:, :, :, None]
     last5 = (seg_NBC == seg_NBC[..., -1:])[:, :, None, None, :]
@@ -317,9 +339,9 @@ def _inter_step(state_BHRKV, per_chunk):
     return new_BHRKV, o_BHRCV
 
 
-def _core_forward(q, k, v, gamma, beta, seg, state0_BHRKV):
+def _core_forward(q, k, v, gamma, beta, seg, state0_BHRKV, mxu=False):
     """Returns (o_NBHRCV, final state, chunk-start states [N,B,H,R,K,V])."""
-    per_chunk = _intra(q, k, v, gamma, beta, seg)
+    per_chunk = _intra(q, k, v, gamma, beta, seg, mxu)
 
     def body(state, xs):
         new, o = _inter_step(state, xs)
@@ -342,55 +364,63 @@ def _chunk_core_autodiff(q, k, v, gamma, beta, seg, state0_BHRKV):
 _BWD_GROUP = 8
 
 
-@jax.custom_vjp
-def _chunk_core(q, k, v, gamma, beta, seg, state0_BHRKV):
-    """Chunked core with a memory-lean VJP. Returns (o_NBHRCV fp32, final state_BHRKV fp32).
+def _make_chunk_core(mxu: bool):
+    """The chunked core with a memory-lean VJP; ``mxu`` as in :func:`_gram`.
 
+    core(q, k, v, gamma, beta, seg, state0_BHRKV) -> (o_NBHRCV fp32, final state_BHRKV fp32).
     Residuals are the inputs plus the chunk-start states: O(T*H*Dk + T*HV*Dv + N*HV*Dk*Dv)
     floats. The backward walks groups of _BWD_GROUP chunks in reverse; per group it recomputes
     the intra-chunk quantities (decay, A, the triangular inverse, W, U) in parallel, runs the
     per-chunk VJP of the sequential step in reverse, and maps the result back through the
     group's intra-chunk VJP.
     """
-    o, final, _ = _core_forward(q, k, v, gamma, beta, seg, state0_BHRKV)
-    return o, final
+
+    @jax.custom_vjp
+    def core(q, k, v, gamma, beta, seg, state0_BHRKV):
+        o, final, _ = _core_forward(q, k, v, gamma, beta, seg, state0_BHRKV, mxu)
+        return o, final
+
+    def core_fwd(q, k, v, gamma, beta, seg, state0_BHRKV):
+        o, final, starts = _core_forward(q, k, v, gamma, beta, seg, state0_BHRKV, mxu)
+        return (o, final), (q, k, v, gamma, beta, seg, starts)
+
+    def core_bwd(res, cts):
+        q, k, v, gamma, beta, seg, starts = res
+        do_NBHRCV, dfinal_BHRKV = cts
+        N = q.shape[0]
+        G = min(N, _BWD_GROUP)
+        pad = (-N) % G
+        # Trailing no-op chunks (all zero: no decay, no write, zero output) make N a multiple of
+        # G; the reverse walk meets them first and passes the state cotangent through unchanged.
+        grouped = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
+            (N + pad) // G, G, *x.shape[1:]
+        )
+        xs = tuple(grouped(x) for x in (q, k, v, gamma, beta, seg, starts, do_NBHRCV))
+
+        def step_back(dstate, xs):
+            state, chunk, do = xs
+            _, step_vjp = jax.vjp(_inter_step, state, chunk)
+            return step_vjp((dstate, do))
+
+        def group_back(dstate, xs):
+            q, k, v, gamma, beta, seg, starts, do = xs
+            intra = lambda *a: _intra(*a, seg, mxu)  # noqa: B023 - seg is this group's
+            per_chunk, intra_vjp = jax.vjp(intra, q, k, v, gamma, beta)
+            dstate, dper_chunk = jax.lax.scan(
+                step_back, dstate, (starts, per_chunk, do), reverse=True
+            )
+            return dstate, intra_vjp(dper_chunk)
+
+        dstate0, dxs = jax.lax.scan(group_back, dfinal_BHRKV, xs, reverse=True)
+        dq, dk, dv, dgamma, dbeta = (d.reshape(N + pad, *d.shape[2:])[:N] for d in dxs)
+        return dq, dk, dv, dgamma, dbeta, None, dstate0
+
+    core.defvjp(core_fwd, core_bwd)
+    return core
 
 
-def _chunk_core_fwd(q, k, v, gamma, beta, seg, state0_BHRKV):
-    o, final, starts = _core_forward(q, k, v, gamma, beta, seg, state0_BHRKV)
-    return (o, final), (q, k, v, gamma, beta, seg, starts)
-
-
-def _chunk_core_bwd(res, cts):
-    q, k, v, gamma, beta, seg, starts = res
-    do_NBHRCV, dfinal_BHRKV = cts
-    N = q.shape[0]
-    G = min(N, _BWD_GROUP)
-    pad = (-N) % G
-    # Trailing no-op chunks (all zero: no decay, no write, zero output) make N a multiple of G;
-    # the reverse walk meets them first and passes the state cotangent through unchanged.
-    grouped = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
-        (N + pad) // G, G, *x.shape[1:]
-    )
-    xs = tuple(grouped(x) for x in (q, k, v, gamma, beta, seg, starts, do_NBHRCV))
-
-    def step_back(dstate, xs):
-        state, chunk, do = xs
-        _, step_vjp = jax.vjp(_inter_step, state, chunk)
-        return step_vjp((dstate, do))
-
-    def group_back(dstate, xs):
-        q, k, v, gamma, beta, seg, starts, do = xs
-        per_chunk, intra_vjp = jax.vjp(lambda *a: _intra(*a, seg), q, k, v, gamma, beta)
-        dstate, dper_chunk = jax.lax.scan(step_back, dstate, (starts, per_chunk, do), reverse=True)
-        return dstate, intra_vjp(dper_chunk)
-
-    dstate0, dxs = jax.lax.scan(group_back, dfinal_BHRKV, xs, reverse=True)
-    dq, dk, dv, dgamma, dbeta = (d.reshape(N + pad, *d.shape[2:])[:N] for d in dxs)
-    return dq, dk, dv, dgamma, dbeta, None, dstate0
-
-
-_chunk_core.defvjp(_chunk_core_fwd, _chunk_core_bwd)
+_chunk_core = _make_chunk_core(mxu=False)
+_chunk_core_mxu = _make_chunk_core(mxu=True)
 
 
 def _chunk_impl(q, k, v, g, beta, scale, initial_state, segment_ids, chunk_size, core):
@@ -446,7 +476,7 @@ def _pallas_supported(q, v, chunk_size):
 def _pallas_auto(q, k, v, chunk_size):
     """ "auto" takes the kernels on GPU for supported shapes and 16-bit q, k, v."""
     half = all(jnp.dtype(x.dtype).itemsize == 2 for x in (q, k, v))
-    return jax.default_backend() == "gpu" and half and _pallas_supported(q, v, chunk_size)
+    return sharding.target_platform() == "gpu" and half and _pallas_supported(q, v, chunk_size)
 
 
 def gated_delta_rule(
@@ -464,20 +494,29 @@ def gated_delta_rule(
 ):
     """Gated delta rule through the chosen backend; same arguments and results as the others.
 
-    backend: "chunk" (pure-JAX chunked, any platform), "recurrent" (token-by-token reference),
+    backend: "chunk" (pure-JAX chunked, any platform), "chunk_mxu" (the same with bf16 Gram
+    products q kᵀ, k kᵀ on the matrix unit; the TPU path), "recurrent" (token-by-token reference),
     "pallas" (Triton GPU kernels), "pallas_interpret" (the same kernels interpreted, for CPU
-    tests), or "auto": "pallas" on GPU for 16-bit q, k, v when Dk and Dv are powers of two >= 16
-    and chunk_size is 16, 32 or 64, else "chunk".
+    tests), or "auto": "chunk_mxu" on TPU; "pallas" on GPU for 16-bit q, k, v when Dk and Dv are
+    powers of two >= 16 and chunk_size is 16, 32 or 64; else "chunk". The platform is
+    `sharding.target_platform()`, so an ahead-of-time TPU compile on a CPU host takes the TPU path.
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown gated delta rule backend {backend!r}; choose one of {BACKENDS}.")
     if backend == "auto":
-        backend = "pallas" if _pallas_auto(q, k, v, chunk_size) else "chunk"
+        if sharding.target_platform() == "tpu":
+            backend = "chunk_mxu"
+        else:
+            backend = "pallas" if _pallas_auto(q, k, v, chunk_size) else "chunk"
     kwargs = dict(
         scale=scale, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size
     )
     if backend == "chunk":
         return chunk_gated_delta_rule(q, k, v, g, beta, **kwargs)
+    if backend == "chunk_mxu":
+        return _chunk_impl(
+            q, k, v, g, beta, scale, initial_state, segment_ids, chunk_size, _chunk_core_mxu
+        )
     if backend == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
     from qwen3next_jax.ops import delta_rule_pallas

@@ -63,7 +63,7 @@ def _global_batch(local: dict, sharding_) -> dict:
     }
 
 
-def _check_divisible(config, mesh):
+def check_divisible(config, mesh):
     batch_shards = 1
     for a in sharding.DEFAULT_RULES["batch"]:
         batch_shards *= mesh.shape[a]
@@ -99,8 +99,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     index = pipeline.load_index(data_dir)
     pipeline.check_vocab(index, mcfg.vocab_size)
 
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    _check_divisible(config, mesh)
+    mesh = sharding.mesh_from_config(config)
+    check_divisible(config, mesh)
     trainer = train_step.build(config, mesh)
     if chief:
         metrics_lib.write_config(
