@@ -38,12 +38,17 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
 
 @pytest.mark.parametrize(
     "tuning",
-    [dict(split_intra=True), dict(dvl_in_state=True), dict(dqk_hv=True, wy_hv=True, bv_dqk=16)],
+    [
+        dict(split_intra=False),
+        dict(dvl_in_state=False),
+        dict(dqk_hv=False, wy_hv=False, bv_dqk=16),
+        dict(dqk_hv=True, wy_hv=True, bv_dqk=16, gates_kernel=False),
+    ],
 )
 def test_kernel_options_match_reference(tuning):
-    """split_intra: the inverse kernel plus whole-chunk W, U kernel; dvl_in_state: chunk-local
-    dv inside the reverse state pass; dqk_hv / wy_hv: value-head grids for the two group
-    kernels (with dq/dk walking V in blocks). Segments and pad."""
+    """The non-default kernel paths (the defaults run in the other tests): fused intra kernel,
+    separate dv_local kernel, key-head grids for the dq/dk and WY kernels, dq/dk walking V in
+    blocks, XLA gates. Segments and pad."""
     q, k, v, g, beta, s0 = make_inputs(26, B=2, T=100, H=2, HV=4)
     seg = np.zeros((2, 100), np.int32)
     seg[0, :20], seg[0, 20:64], seg[0, 64:70], seg[0, 75:] = 1, 2, 3, 4
@@ -93,18 +98,19 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
 @pytest.mark.parametrize(
     "H, HV, tuning, n_kernels",
     [
-        (2, 4, {}, 8),
-        (8, 16, {}, 10),
-        (2, 4, dict(split_intra=True), 10),
-        (2, 4, dict(dvl_in_state=True), 8),
-        (2, 4, dict(dqk_hv=True, wy_hv=True), 8),
+        (2, 4, {}, 10),
+        (8, 16, {}, 12),
+        (2, 4, dict(split_intra=False), 8),
+        (2, 4, dict(dvl_in_state=False), 10),
+        (2, 4, dict(dqk_hv=False, wy_hv=False), 10),
     ],
 )
 def test_every_kernel_lowers_to_triton_for_cuda(H, HV, tuning, n_kernels):
     """The Qwen3-Next shape (Dk = Dv = 128, HV = 2H, bf16, C = 64) through forward and backward:
     every pallas_call must lower to Triton IR (power-of-two tensors, supported primitives).
-    3 forward kernels and 5 backward ones; with HV a power of two >= 16 also the gates kernel
-    and its backward (else XLA computes the gates); split_intra: intra is two kernels."""
+    4 forward kernels (inverse, W/U, state pass, output) and 6 backward ones (inverse, W/U,
+    v_new, reverse state pass, dq/dk, WY); with HV a power of two >= 16 also the gates kernel
+    and its backward (else XLA computes the gates); split_intra=False: intra is one kernel."""
     spec = jax.ShapeDtypeStruct
     B, T, K = 1, 200, 128
     bf = jnp.bfloat16

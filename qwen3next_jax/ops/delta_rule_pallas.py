@@ -2,26 +2,38 @@
 
 Same contract as `delta_rule.chunk_gated_delta_rule`; reached through
 `delta_rule.gated_delta_rule(..., backend="pallas" | "pallas_interpret")`. The pipeline mirrors
-spec §4.4 with T padded to N chunks of C tokens (gamma = chunk-local cumsum of g):
+spec §4.4 with T padded to N chunks of C tokens (gamma = chunk-local cumsum of g), default
+launch config (_Cfg; the alternatives stay as tuning options and are tested):
 
-forward   _intra_kernel      grid (B, H, N)     W, U = (I + A)^-1 (beta k e^gamma, beta v)
+gates     _gates_kernel      grid (B, N)        gamma (segmented cumsum as one masked product),
+                                                beta, transposed to [B, HV, Tp]; its backward
+                                                _gates_bwd_kernel
+forward   _solve_kernel      grid (B, H, N)     Tinv = (I + A)^-1 per value head, [B,HV,Tp,C]
+          _wu_kernel         grid (B, HV, N)    W, U = Tinv (beta k e^gamma, beta v), C-row
+                                                products (split_intra=False: _intra_kernel
+                                                does both on 16-row sub-blocks)
           _state_fwd_kernel  grid (B, HV, V/BV) sequential over chunks: chunk-start states,
                                                 v_new = U - W S, final state
           _output_kernel     grid (B, HV, N, V/BV)  o = scale (q e^gamma S + (q k^T . L) v_new)
-backward  _intra_kernel again (W, U recomputed: only inputs and chunk-start states are saved)
-          _dv_local_kernel   grid (B, HV, N, V/BV)  v_new again, dv_local = (q k^T . L)^T do
+backward  _solve_kernel, _wu_kernel again (only inputs and chunk-start states are saved; the
+                                                inverse is a transient of the backward)
+          _vn_kernel         grid (B, HV, N, V/BV)  v_new again
           _state_bwd_kernel  grid (B, HV, V/BV) reverse over chunks: dS at every chunk end,
-                                                dv_new, d initial_state
-          _dqk_kernel        grid (B, H, N)     dq, dk and dgamma through the read-out and S
-          _wy_bwd_kernel     grid (B, H, N)     dk, dv, dbeta, dgamma through (I + A)^-1
+                                                dv_new (with the chunk-local (q k^T . L)^T do
+                                                computed in the loop), d initial_state
+          _dqk_kernel        grid (B, HV, N)    dq, dk and dgamma through the read-out and S
+          _wy_bwd_kernel     grid (B, HV, N)    dk, dv, dbeta, dgamma through (I + A)^-1, from
+                                                the stored inverse, C-row products
+          (the value-head grids give per-value-head dq, dk, summed over each group by XLA)
 
 Key heads: kernels on a value-head grid read key head j // R through their index maps; kernels
 on a key-head grid loop over the R value heads of the group, so q/k are never repeated. The
 triangular inverse is done on 16-row sub-blocks: forward substitution inside each diagonal block,
 then block forward substitution with small fp32 products (P9). Storage of intermediates (W, U,
-v_new, chunk states) and the operands of the large products use v's dtype when it is 16-bit
-(as fla does), else float32 at Precision.HIGHEST; accumulators and the carried state are fp32.
-Segment boundaries work as in the pure-JAX core (chunk-local segment counters mask the decay).
+v_new, chunk states, the inverse) and the operands of the large products use v's dtype when it
+is 16-bit (as fla does), else float32 at Precision.HIGHEST; accumulators and the carried state
+are fp32. Segment boundaries work as in the pure-JAX core (chunk-local segment counters mask the
+decay).
 """
 
 from __future__ import annotations
@@ -58,18 +70,18 @@ class _Cfg:
     # kernels, warps of the sequential / parallel / key-head-group kernels, pipeline stages of
     # the sequential loops.
     bv_seq: int = 32
-    bv_par: int = 64
+    bv_par: int = 128
     bv_dqk: int = 128
     warps_seq: int = 4
     warps_par: int = 4
     warps_intra: int = 4
     warps_group: int = 8
-    warps_wy: int = 8
+    warps_wy: int = 4
     stages_seq: int = 3
-    dqk_hv: bool = False  # dq/dk kernel on a value-head grid (dq, dk summed by XLA)
-    wy_hv: bool = False  # WY backward on a value-head grid (dk summed by XLA)
-    dvl_in_state: bool = False  # chunk-local dv inside the reverse state pass
-    split_intra: bool = False  # intra as an inverse kernel + whole-chunk W, U kernel
+    dqk_hv: bool = True  # dq/dk kernel on a value-head grid (dq, dk summed by XLA)
+    wy_hv: bool = True  # WY backward on a value-head grid (dk summed by XLA)
+    dvl_in_state: bool = True  # chunk-local dv inside the reverse state pass
+    split_intra: bool = True  # intra as an inverse kernel + whole-chunk W, U kernel
     gates_kernel: bool = True  # gamma/beta by _gates_kernel (where HV allows) instead of XLA
 
     @property
