@@ -138,7 +138,8 @@ def check(tuning=None):
     """Pallas (launch config tuning) vs the pure-JAX chunk path (fp32 on the same bf16-rounded
     values), segments."""
     rng = np.random.default_rng(1)
-    B, T, h, hv, d = 2, 300, 2, 4, K
+    # HV 16: a power of two >= 16, so the gates kernel runs too (with HV 4 XLA does the gates).
+    B, T, h, hv, d = 2, 300, 8, 16, K
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     q = unit(rng.standard_normal((B, T, h, d))).astype(np.float32)
     k = unit(rng.standard_normal((B, T, h, d))).astype(np.float32)
