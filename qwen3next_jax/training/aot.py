@@ -170,7 +170,14 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> dict
     t0 = time.perf_counter()
     lowered = trainer.train_step.lower(state, batch)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    # A TPU executable cannot be read back by this (CPU) client: keep it out of any persistent
+    # compilation cache rather than leave entries that only produce warnings later.
+    cache_was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        compiled = lowered.compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was)
     t2 = time.perf_counter()
 
     chips = len(devices)
