@@ -257,33 +257,36 @@ KVARIANTS = [
 # so far; the first candidate of each group is the current config. The "pallas_tuned" rows
 # then run with the result.
 TUNE_GROUPS = [
-    (("bwd state pass", "bwd dv_local (+v_new)"), [{}, dict(dvl_in_state=True)]),
+    (("fwd state pass", "bwd state pass"), [{}, dict(stages_seq=4)]),
     (
-        ("bwd dq/dk (read-out)",),
-        [{}, dict(dqk_hv=True, warps_group=4), dict(dqk_hv=True, warps_group=8)],
+        ("bwd dq/dk (read-out)", "bwd WY (dk,dv,dbeta,dg)"),
+        [
+            {},
+            (dict(fuse_bwd=True), ("bwd dq/dk + WY fused",)),
+            (dict(fuse_bwd=True, warps_fused=8), ("bwd dq/dk + WY fused",)),
+        ],
     ),
-    (
-        ("bwd WY (dk,dv,dbeta,dg)",),
-        [{}, dict(warps_wy=4), dict(wy_hv=True, warps_wy=4), dict(wy_hv=True, warps_wy=8)],
-    ),
-    (("fwd intra (W,U)", "bwd intra (W,U,Tinv)"), [{}, dict(split_intra=True)]),
-    (("fwd output", "bwd dv_local (+v_new)"), [{}, dict(bv_par=128)]),
+    (("fwd intra (W,U)", "bwd intra (W,U,Tinv)"), [{}, dict(warps_intra=8), dict(warps_intra=2)]),
+    (("fwd output", "bwd dv_local (+v_new)"), [{}, dict(warps_par=8)]),
 ]
 TUNED = {}
 
 
 def autotune(B, T, reps):
     base = dict(breakdown(B, T, None, reps))
+    groups = [(names, list(cands)) for names, cands in TUNE_GROUPS]
     best = {}
-    for names, cands in TUNE_GROUPS:
+    for names, cands in groups:
         times = []
-        for c in cands:
+        for i, c in enumerate(cands):
+            c, cnames = c if isinstance(c, tuple) else (c, names)  # (tuning, rows it times)
+            cands[i] = c
             if not c:
-                bd = base if not best else dict(breakdown(B, T, best, reps, names))
+                bd = base if not best else dict(breakdown(B, T, best, reps, cnames))
             else:
                 log(f"autotune candidate {c}:")
-                bd = dict(breakdown(B, T, {**best, **c}, reps, names))
-            times.append(sum(bd[n] for n in names))
+                bd = dict(breakdown(B, T, {**best, **c}, reps, cnames))
+            times.append(sum(bd[n] for n in cnames))
         i = min(range(len(cands)), key=lambda i: times[i])
         if times[i] < 0.98 * times[0]:  # keep the current config unless 2% faster
             best.update(cands[i])
@@ -345,6 +348,10 @@ def breakdown(B, T, tuning=None, reps=20, only=None):
         dk, dv, db, dg = drp._wy_bwd(cfg, *a)
         return (gsum(dk) if cfg.wy_hv else dk), dv, db, dg
 
+    def fused(*a):
+        dq, dk, dv, db, dg = drp._bwd_fused(cfg, *a)
+        return gsum(dq), gsum(dk), dv, db, dg
+
     steps = [
         ("fwd intra (W,U)", j(drp._intra), (k_, v_, gamma, beta_, seg)),
         ("fwd state pass", j(drp._state_fwd), (w, u, k_, gamma, seg, s0)),
@@ -367,6 +374,11 @@ def breakdown(B, T, tuning=None, reps=20, only=None):
             "bwd WY (dk,dv,dbeta,dg)",
             jax.jit(wy),
             (k_, v_, gamma, beta_, seg, w, u, tinv, states, dvn),
+        ),
+        (
+            "bwd dq/dk + WY fused",
+            jax.jit(fused),
+            (q_, k_, v_, gamma, beta_, seg, w, u, tinv, states, dst, vn2, do_, dvn),
         ),
         (
             "gates kernel fwd+bwd",

@@ -43,12 +43,13 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
         dict(dvl_in_state=False),
         dict(dqk_hv=False, wy_hv=False, bv_dqk=16),
         dict(dqk_hv=True, wy_hv=True, bv_dqk=16, gates_kernel=False),
+        dict(fuse_bwd=True),
     ],
 )
 def test_kernel_options_match_reference(tuning):
     """The non-default kernel paths (the defaults run in the other tests): fused intra kernel,
     separate dv_local kernel, key-head grids for the dq/dk and WY kernels, dq/dk walking V in
-    blocks, XLA gates. Segments and pad."""
+    blocks, XLA gates, dq/dk and WY fused in one kernel. Segments and pad."""
     q, k, v, g, beta, s0 = make_inputs(26, B=2, T=100, H=2, HV=4)
     seg = np.zeros((2, 100), np.int32)
     seg[0, :20], seg[0, 20:64], seg[0, 64:70], seg[0, 75:] = 1, 2, 3, 4
@@ -103,6 +104,7 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
         (2, 4, dict(split_intra=False), 8),
         (2, 4, dict(dvl_in_state=False), 10),
         (2, 4, dict(dqk_hv=False, wy_hv=False), 10),
+        (2, 4, dict(fuse_bwd=True), 9),
     ],
 )
 def test_every_kernel_lowers_to_triton_for_cuda(H, HV, tuning, n_kernels):

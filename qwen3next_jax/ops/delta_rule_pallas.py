@@ -24,7 +24,8 @@ backward  _solve_kernel, _wu_kernel again (only inputs and chunk-start states ar
           _dqk_kernel        grid (B, HV, N)    dq, dk and dgamma through the read-out and S
           _wy_bwd_kernel     grid (B, HV, N)    dk, dv, dbeta, dgamma through (I + A)^-1, from
                                                 the stored inverse, C-row products
-          (the value-head grids give per-value-head dq, dk, summed over each group by XLA)
+          (the value-head grids give per-value-head dq, dk, summed over each group by XLA;
+          fuse_bwd=True runs both in _bwd_fused_kernel, not yet timed on a GPU)
 
 Key heads: kernels on a value-head grid read key head j // R through their index maps; kernels
 on a key-head grid loop over the R value heads of the group, so q/k are never repeated. The
@@ -78,6 +79,8 @@ class _Cfg:
     warps_group: int = 8
     warps_wy: int = 4
     stages_seq: int = 3
+    fuse_bwd: bool = False  # dq/dk and WY in one value-head kernel (not yet timed on a GPU)
+    warps_fused: int = 4
     dqk_hv: bool = True  # dq/dk kernel on a value-head grid (dq, dk summed by XLA)
     wy_hv: bool = True  # WY backward on a value-head grid (dk summed by XLA)
     dvl_in_state: bool = True  # chunk-local dv inside the reverse state pass
@@ -493,6 +496,83 @@ def _wy_bwd_kernel(
     dk_ref[...] = dk_CK
 
 
+def _bwd_fused_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    g_ref,
+    b_ref,
+    s_ref,
+    w_ref,
+    u_ref,
+    tinv_ref,
+    st_ref,
+    dst_ref,
+    vn_ref,
+    do_ref,
+    dvn_ref,
+    dq_ref,
+    dk_ref,
+    dv_ref,
+    db_ref,
+    dg_ref,
+    *,
+    cfg,
+):
+    """_dqk_kernel and _wy_bwd_kernel in one program per value head and chunk (cfg.fuse_bwd):
+    k, S, the gates and the decay matrix are loaded / built once, dk and dgamma leave once."""
+    C, dt, scale = cfg.C, cfg.dtype, cfg.scale
+    q_CK, k_CK = q_ref[...], k_ref[...]
+    q32, k32 = q_CK.astype(_F32), k_CK.astype(_F32)
+    seg_C, g_C, b_C = s_ref[...], g_ref[0, :], b_ref[0, :]
+    L_CC, gexp_C, kdec_C, passes = _chunk_gates(g_C, seg_C)
+    S_KV, dS_KV = st_ref[0, :, :], dst_ref[0, :, :]
+    vn_CV, do_CV = vn_ref[:, 0, :], do_ref[:, 0, :]
+    # Read-out and chunk-end state (as _dqk_kernel).
+    qk_CC = _mm(q_CK, k_CK, dt, tb=True)
+    dos_CK = _mm(do_CV, S_KV, dt, tb=True)
+    vds_CK = _mm(vn_CV, dS_KV, dt, tb=True)
+    dqk_CC = scale * _mm(do_CV, vn_CV, dt, tb=True) * L_CC
+    dq_CK = (scale * gexp_C)[:, None] * dos_CK + _mm(dqk_CC, k_CK, dt)
+    dk_CK = _mm(dqk_CC, q_CK, dt, ta=True) + kdec_C[:, None] * vds_CK
+    P_CC = dqk_CC * qk_CC
+    t_C = kdec_C * jnp.sum(k32 * vds_CK, axis=1)
+    d_last = jnp.sum(t_C) + passes * jnp.sum(S_KV.astype(_F32) * dS_KV.astype(_F32))
+    at_last = _iota((C,), 0) == C - 1
+    dg_C = (
+        jnp.sum(P_CC, axis=1)
+        - jnp.sum(P_CC, axis=0)
+        + scale * gexp_C * jnp.sum(dos_CK * q32, axis=1)
+        - t_C
+        + jnp.where(at_last, d_last, 0.0)
+    )
+    # Through W, U and A (as _wy_bwd_kernel); A's decay is L without its diagonal.
+    Ls_CC = jnp.where(_iota((C, C), 0) > _iota((C, C), 1), L_CC, 0.0)
+    kkL_CC = _mm(k_CK, k_CK, dt, tb=True) * Ls_CC
+    Ti_CC = tinv_ref[0, :, :]
+    dU_CV = dvn_ref[:, 0, :]
+    dW_CK = -_mm(dU_CV, S_KV, dt, tb=True)
+    dvb_CV = _mm(Ti_CC, dU_CV, dt, ta=True)
+    dkbg_CK = _mm(Ti_CC, dW_CK, dt, ta=True)
+    dA_CC = -(_mm(dvb_CV, u_ref[:, 0, :], dt, tb=True) + _mm(dkbg_CK, w_ref[:, 0, :], dt, tb=True))
+    dAkkL_CC = dA_CC * kkL_CC
+    dKK_CC = dA_CC * b_C[:, None] * Ls_CC
+    P_CC = dAkkL_CC * b_C[:, None]
+    kg_sum = gexp_C * jnp.sum(dkbg_CK * k32, axis=1)
+    dk_CK = (
+        dk_CK
+        + _mm(dKK_CC, k_CK, dt)
+        + _mm(dKK_CC, k_CK, dt, ta=True)
+        + (b_C * gexp_C)[:, None] * dkbg_CK
+    )
+    v32 = v_ref[:, 0, :].astype(_F32)
+    dv_ref[:, 0, :] = b_C[:, None] * dvb_CV
+    db_ref[0, :] = jnp.sum(dAkkL_CC, axis=1) + jnp.sum(dvb_CV * v32, axis=1) + kg_sum
+    dg_ref[0, :] = dg_C + jnp.sum(P_CC, axis=1) - jnp.sum(P_CC, axis=0) + b_C * kg_sum
+    dq_ref[...] = dq_CK
+    dk_ref[...] = dk_CK
+
+
 # --------------------------------------------------------------------------------------------
 # pallas_call wrappers
 # --------------------------------------------------------------------------------------------
@@ -833,6 +913,41 @@ def _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn):
     )(k, v, gamma, beta, seg, w, u, tinv, states, dvn)
 
 
+def _bwd_fused(cfg, q, k, v, gamma, beta, seg, w, u, tinv, states, dstates, vn, do, dvn):
+    B, Tp, HV, K, V, C = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.C
+    sp = _group_specs(cfg, True)
+    return _call(
+        _bwd_fused_kernel,
+        cfg,
+        sp["grid"],
+        [
+            sp["qk"](K),
+            sp["qk"](K),
+            sp["crv"](V),
+            sp["rc"],
+            sp["rc"],
+            sp["c"],
+            sp["crv"](K),
+            sp["crv"](V),
+            sp["rkv"](C, C),
+            sp["rkv"](K, V),
+            sp["rkv"](K, V),
+            sp["crv"](V),
+            sp["crv"](V),
+            sp["crv"](V),
+        ],
+        [sp["out_qk"](K), sp["out_qk"](K), sp["crv"](V), sp["rc"], sp["rc"]],
+        [
+            _sds((B, Tp, HV, K), _F32),
+            _sds((B, Tp, HV, K), _F32),
+            _sds((B, Tp, HV, V), _F32),
+            _sds((B, HV, Tp), _F32),
+            _sds((B, HV, Tp), _F32),
+        ],
+        num_warps=cfg.warps_fused,
+    )(q, k, v, gamma, beta, seg, w, u, tinv, states, dstates, vn, do, dvn)
+
+
 # --------------------------------------------------------------------------------------------
 # Core with custom VJP, and the public entry point
 # --------------------------------------------------------------------------------------------
@@ -868,10 +983,23 @@ def _pallas_core_bwd(cfg, res, cts):
     else:
         vn, dv_local = _dv_local(cfg, q, k, w, u, states, gamma, seg, do)
     dstates, dvn, dstate0 = _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal)
-    dq, dk_read, dgamma_read = _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do)
-    dk_wy, dv, dbeta, dgamma_wy = _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn)
     # value-head grids give per-value-head dq, dk: sum each key head's group
     group_sum = lambda x: x.reshape(*x.shape[:2], cfg.H, cfg.R, x.shape[-1]).sum(3)
+    if cfg.fuse_bwd:
+        dq, dk, dv, dbeta, dgamma = _bwd_fused(
+            cfg, q, k, v, gamma, beta, seg, w, u, tinv, states, dstates, vn, do, dvn
+        )
+        return (
+            group_sum(dq).astype(q.dtype),
+            group_sum(dk).astype(k.dtype),
+            dv.astype(v.dtype),
+            dgamma,
+            dbeta,
+            None,
+            dstate0,
+        )
+    dq, dk_read, dgamma_read = _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do)
+    dk_wy, dv, dbeta, dgamma_wy = _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn)
     if cfg.dqk_hv:
         dq, dk_read = group_sum(dq), group_sum(dk_read)
     if cfg.wy_hv:
