@@ -26,16 +26,19 @@ kernels use: `_chunk_prepare` (masking, padding, chunk-local cumsum of g, chunk-
 counters; plain autodiff) feeds a core with the contract of `_chunk_core` -- (q, k, v, gamma,
 beta, seg, state0) -> (o, final_state) with its own custom VJP -- so a `delta_rule_mosaic.py`
 core registered as a backend in `gated_delta_rule` reuses everything around it. Kernel cores are
-single-device programs: under a sharded jit, call them inside jax.shard_map over batch (and
-heads), which are independent.
+single-device programs: under an active `sharding.use_mesh` the dispatcher runs them inside
+jax.shard_map over the batch shards (`_over_batch_shards`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qwen3next_jax import sharding
 
@@ -521,6 +524,46 @@ def gated_delta_rule(
         return recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
     from qwen3next_jax.ops import delta_rule_pallas
 
-    return delta_rule_pallas.pallas_gated_delta_rule(
-        q, k, v, g, beta, interpret=backend == "pallas_interpret", **kwargs
+    kernel = functools.partial(
+        delta_rule_pallas.pallas_gated_delta_rule,
+        interpret=backend == "pallas_interpret",
+        scale=scale,
+        chunk_size=chunk_size,
     )
+    return _over_batch_shards(kernel, q, k, v, g, beta, initial_state, segment_ids)
+
+
+def _over_batch_shards(kernel, q, k, v, g, beta, initial_state, segment_ids):
+    """Runs a single-device kernel core per batch shard of the active mesh.
+
+    GSPMD cannot partition a Pallas call: left alone under a sharded jit it would gather the
+    whole batch onto every device. Rows are independent, so inside `jax.shard_map` each device
+    runs its own rows; heads stay whole (a 'tensor'-sharded head axis is gathered first). Without
+    a mesh, or when the batch does not split evenly, the kernel runs as is.
+    """
+    opt = {"initial_state": initial_state, "segment_ids": segment_ids}
+    ctx = sharding.current()
+    batch_axes = (
+        None if ctx is None else sharding.logical_to_spec(("batch",), ctx.rules, ctx.mesh)[0]
+    )
+    if batch_axes is None:
+        return kernel(q, k, v, g, beta, **opt)
+    names = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    if q.shape[0] % math.prod(ctx.mesh.shape[a] for a in names):
+        return kernel(q, k, v, g, beta, **opt)
+    present = {n: x for n, x in opt.items() if x is not None}
+    args = (q, k, v, g, beta, *present.values())
+    specs = tuple(P(batch_axes, *([None] * (x.ndim - 1))) for x in args)
+    if any(t == jax.sharding.AxisType.Explicit for t in ctx.mesh.axis_types):
+        args = tuple(
+            jax.sharding.reshard(a, NamedSharding(ctx.mesh, sp))
+            for a, sp in zip(args, specs, strict=True)
+        )
+
+    def body(q, k, v, g, beta, *rest):
+        return kernel(q, k, v, g, beta, **dict(zip(present, rest, strict=True)))
+
+    out_specs = (P(batch_axes, None, None, None), P(batch_axes, None, None, None))
+    # check_vma=False: pallas_call's outputs carry no varying-axes annotation.
+    fn = jax.shard_map(body, mesh=ctx.mesh, in_specs=specs, out_specs=out_specs, check_vma=False)
+    return fn(*args)
