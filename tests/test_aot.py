@@ -121,3 +121,21 @@ def test_cli_bad_topology_exits_with_one_sentence(tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --aot_topology='v5p:3x3x3' is not a TPU topology")
     assert not os.path.exists(tmp_path / "aot_report.json")
+
+
+def test_out_of_hbm_compile_is_read_as_a_lower_bound():
+    err = RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (79.35G) exceeds available HBM (31.25G)."
+    )
+    assert aot._compile_oom_bytes(err) == int(79.35 * 2**30)
+    assert aot._compile_oom_bytes(RuntimeError("INTERNAL: something else")) is None
+    report = {
+        "compiled": False,
+        "fits": False,
+        "chip": "TPU v6e",
+        "hbm_bytes_per_chip": aot.HBM_BYTES["TPU v6e"],
+        "per_chip_bytes": {"total": int(79.35 * 2**30)},
+    }
+    with pytest.raises(aot.AotError, match=r"needs at least 79.3 GiB per chip but a TPU v6e"):
+        aot.check_fits(report)

@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -109,6 +110,17 @@ def _resolved_backends(mcfg, mesh) -> dict[str, str]:
         }
 
 
+_OOM = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory.*?\(([\d.]+)([KMGT])\)", re.S)
+
+
+def _compile_oom_bytes(err: Exception) -> int | None:
+    """Bytes of temporaries XLA's TPU compiler said it needs, if ``err`` is its out-of-HBM stop."""
+    m = _OOM.search(str(err))
+    if m is None:
+        return None
+    return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+
+
 def _flops_per_chip(compiled) -> float | None:
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):  # older jaxlibs: one dict per program
@@ -174,8 +186,13 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> dict
     # compilation cache rather than leave entries that only produce warnings later.
     cache_was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compiled, oom = None, None
     try:
         compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError; anything else re-raised
+        oom = _compile_oom_bytes(e)
+        if oom is None:
+            raise
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was)
     t2 = time.perf_counter()
@@ -184,11 +201,13 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> dict
     kind = devices[0].device_kind
     name = chip_name(kind)
     hbm = HBM_BYTES[name]
-    mem = MemoryParts.of(compiled)
+    # XLA refuses to finish a program whose temporaries alone exceed HBM and reports only that
+    # figure: the other parts are then unknown (None) and the total a lower bound.
+    mem = MemoryParts(0, 0, oom, 0, 0) if compiled is None else MemoryParts.of(compiled)
     peak = metrics_lib.peak_flops_per_device(kind)
     tokens = int(config.global_batch_size) * int(config.data.seq_len)
     model_flops = metrics_lib.flops_per_token(mcfg, int(config.data.seq_len))["train"] * tokens
-    compiled_flops_chip = _flops_per_chip(compiled)
+    compiled_flops_chip = None if compiled is None else _flops_per_chip(compiled)
     compiled_flops = None if compiled_flops_chip is None else compiled_flops_chip * chips
 
     def step_seconds(flops):
@@ -212,13 +231,17 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> dict
         "backends": _resolved_backends(mcfg, mesh),
         "remat_policy": mcfg.remat_policy,
         "per_chip_bytes": {
-            "arguments": mem.arguments,
-            "outputs": mem.outputs,
+            "arguments": mem.arguments if compiled else None,
+            "outputs": mem.outputs if compiled else None,
             "temporaries": mem.temporaries,
-            "generated_code": mem.generated_code,
+            "generated_code": mem.generated_code if compiled else None,
             "total": mem.total,
-            "aliased_donations": mem.aliased,
+            "aliased_donations": mem.aliased if compiled else None,
         },
+        "compiled": compiled is not None,
+        "note": None
+        if compiled
+        else "XLA stopped the compile: its temporaries alone exceed HBM; total is a lower bound.",
         "hbm_bytes_per_chip": hbm,
         "fits": mem.total <= hbm,
         "headroom_fraction": 1.0 - mem.total / hbm,
@@ -249,6 +272,8 @@ def format_report(r: dict[str, Any]) -> str:
     """A small human-readable table of a report."""
 
     def gib(b):
+        if b is None:
+            return "unknown (compile stopped)"
         return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"
 
     def secs(t):
@@ -265,7 +290,11 @@ def format_report(r: dict[str, Any]) -> str:
         ("outputs / chip", gib(b["outputs"])),
         ("temporaries / chip", gib(b["temporaries"])),
         ("code / chip", gib(b["generated_code"])),
-        ("total / chip", f"{gib(b['total'])} of {gib(r['hbm_bytes_per_chip'])} HBM"),
+        (
+            "total / chip",
+            f"{'at least ' if not r['compiled'] else ''}{gib(b['total'])} of "
+            f"{gib(r['hbm_bytes_per_chip'])} HBM",
+        ),
         ("fits", f"{r['fits']} ({r['headroom_fraction']:.1%} headroom)"),
     ]
     for src in ("model", "compiled"):
@@ -305,8 +334,9 @@ def write_report(report: dict[str, Any], workdir: str) -> str:
 def check_fits(report: dict[str, Any]) -> None:
     if not report["fits"]:
         b = report["per_chip_bytes"]["total"]
+        least = "" if report["compiled"] else "at least "
         raise AotError(
-            f"the train step needs {b / GiB:.1f} GiB per chip but a {report['chip']} chip has "
-            f"{report['hbm_bytes_per_chip'] / GiB:.0f} GiB; shard more (mesh), shrink "
+            f"the train step needs {least}{b / GiB:.1f} GiB per chip but a {report['chip']} "
+            f"chip has {report['hbm_bytes_per_chip'] / GiB:.0f} GiB; shard more (mesh), shrink "
             "global_batch_size or raise micro_batches."
         )
