@@ -65,7 +65,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"  # none | full | dots_saveable
     attention_backend: str = "auto"  # auto | xla | cudnn | splash | splash_interpret
-    gdn_backend: str = "auto"  # auto | chunk | recurrent | pallas
+    gdn_backend: str = "auto"  # auto | chunk | chunk_mxu | recurrent | pallas | pallas_interpret
     moe_backend: str = "auto"
     moe_capacity_factor: float | None = None
 
@@ -189,6 +189,12 @@ class ModelConfig:
             errs.append(
                 f"attention_backend={self.attention_backend!r} must be one of 'auto', 'xla', "
                 "'cudnn', 'splash', 'splash_interpret'."
+            )
+        gdn_backends = ("auto", "chunk", "chunk_mxu", "recurrent", "pallas", "pallas_interpret")
+        if self.gdn_backend not in gdn_backends:
+            errs.append(
+                f"gdn_backend={self.gdn_backend!r} must be one of 'auto', 'chunk', 'chunk_mxu', "
+                "'recurrent', 'pallas', 'pallas_interpret'."
             )
         moe_backends = (
             "auto",

@@ -74,6 +74,8 @@ def test_bad_dtype(field):
         ("rms_norm_eps", 0.0, "rms_norm_eps=0.0 must be positive."),
         ("remat_policy", "some", "remat_policy='some' must be one of"),
         ("attention_backend", "flash", "attention_backend='flash' must be one of"),
+        ("gdn_backend", "triton", "gdn_backend='triton' must be one of 'auto', 'chunk'"),
+        ("moe_backend", "gmm", "moe_backend='gmm' must be one of 'auto', 'ragged_dot'"),
         ("mlp_only_layers", (4,), "mlp_only_layers contains 4, outside 0..3."),
         ("moe_capacity_factor", 0.0, "moe_capacity_factor=0.0 must be positive or None."),
     ],
