@@ -99,11 +99,24 @@ class SuperBlock(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, kinds: tuple[tuple[str, bool], ...], *, rngs: nnx.Rngs):
         self.layers = nnx.List([DecoderLayer(cfg, t, m, rngs=rngs) for t, m in kinds])
+        self.remat_policy = cfg.remat_policy
 
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, valid_BT):
         all_stats = []
         for layer in self.layers:
-            x_BTD, stats = layer(x_BTD, positions_BT, segment_ids_BT, valid_BT)
+            if self.remat_policy == "none":
+                x_BTD, stats = layer(x_BTD, positions_BT, segment_ids_BT, valid_BT)
+            else:
+                # Remat per layer, not per super-block: the backward then rebuilds one layer's
+                # intermediates at a time (one MoE layer's dispatch buffers, not four) for the
+                # price of saving each layer's input instead of each block's.
+                graphdef, state = nnx.split(layer)
+
+                def run(x, state, graphdef=graphdef):
+                    return nnx.merge(graphdef, state)(x, positions_BT, segment_ids_BT, valid_BT)
+
+                policy = _REMAT_POLICIES[self.remat_policy]
+                x_BTD, stats = jax.checkpoint(run, policy=policy)(x_BTD, state)
             if stats is not None:
                 all_stats.append(stats)
         stacked = jax.tree.map(lambda *s: jnp.stack(s), *all_stats) if all_stats else {}
@@ -207,8 +220,6 @@ class Qwen3Next(nnx.Module):
             block = nnx.merge(graphdef, block_state)
             return block(x, positions_BT, segment_ids_BT, valid_BT)
 
-        if self.cfg.remat_policy != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat_policy])
         if self.cfg.scan_layers:
             x_BTD, stats = jax.lax.scan(body, x_BTD, state)
         else:
