@@ -246,6 +246,24 @@ def _gates_bwd_kernel(dgam_ref, dbt_ref, s_ref, dg_ref, db_ref, *, cfg):
     db_ref[...] = dbt_ref[...].T
 
 
+def _key_head_blocks(k_ref, s_ref, cfg):
+    """Per-chunk prologue shared by the intra kernels: sub-block size n, count nb, dtype, the
+    row-block slicer, k and segment blocks, and the decay-free k kᵀ blocks."""
+    n, nb, dt = cfg.sub, cfg.C // cfg.sub, cfg.dtype
+    blk = lambda i: pl.ds(i * n, n)  # noqa: E731
+    k_blocks = [k_ref[blk(i), :] for i in range(nb)]
+    s_blocks = [s_ref[blk(i)] for i in range(nb)]
+    return n, nb, dt, blk, k_blocks, s_blocks, _kk_blocks(k_blocks, dt)
+
+
+def _store_inverse(tinv_ref, r, Ti, blk, nb, n):
+    """Writes value head r's (I + A)^-1 from its lower sub-blocks Ti; upper blocks zero."""
+    for i in range(nb):
+        for j in range(nb):
+            blk_ij = Ti[i, j] if j <= i else jnp.zeros((n, n), _F32)
+            tinv_ref[r, blk(i), blk(j)] = blk_ij.astype(tinv_ref.dtype)
+
+
 def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, cfg):
     """One chunk of one key head: W, U for its R value heads (refs [C,K], [C,R,V], [R,C]).
 
@@ -253,21 +271,13 @@ def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, c
     of every value head, upper blocks zero, for the WY backward's 64-row products (in the
     storage dtype: every product casts it to that anyway).
     """
-    n, nb, dt = cfg.sub, cfg.C // cfg.sub, cfg.dtype
-    blk = lambda i: pl.ds(i * n, n)
-    k_blocks = [k_ref[blk(i), :] for i in range(nb)]
-    s_blocks = [s_ref[blk(i)] for i in range(nb)]
-    kk = _kk_blocks(k_blocks, dt)
+    n, nb, dt, blk, k_blocks, s_blocks, kk = _key_head_blocks(k_ref, s_ref, cfg)
     for r in range(cfg.R):
         g_blocks = [g_ref[r, blk(i)] for i in range(nb)]
         b_blocks = [b_ref[r, blk(i)] for i in range(nb)]
         _, _, Ti = _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dt)
         if tinv_refs:
-            (tinv_ref,) = tinv_refs
-            for i in range(nb):
-                for j in range(nb):
-                    blk_ij = Ti[i, j] if j <= i else jnp.zeros((n, n), _F32)
-                    tinv_ref[r, blk(i), blk(j)] = blk_ij.astype(tinv_ref.dtype)
+            _store_inverse(tinv_refs[0], r, Ti, blk, nb, n)
         vb = [b_blocks[i][:, None] * v_ref[blk(i), r, :].astype(_F32) for i in range(nb)]
         kbg = [
             (b_blocks[i] * _masked_exp(s_blocks[i] == 0, g_blocks[i]))[:, None]
@@ -283,19 +293,12 @@ def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, c
 
 def _solve_kernel(k_ref, g_ref, b_ref, s_ref, tinv_ref, *, cfg):
     """One chunk of one key head: (I + A)^-1 of its R value heads ([R,C,C], upper blocks 0)."""
-    n, nb, dt = cfg.sub, cfg.C // cfg.sub, cfg.dtype
-    blk = lambda i: pl.ds(i * n, n)
-    k_blocks = [k_ref[blk(i), :] for i in range(nb)]
-    s_blocks = [s_ref[blk(i)] for i in range(nb)]
-    kk = _kk_blocks(k_blocks, dt)
+    n, nb, dt, blk, k_blocks, s_blocks, kk = _key_head_blocks(k_ref, s_ref, cfg)
     for r in range(cfg.R):
         g_blocks = [g_ref[r, blk(i)] for i in range(nb)]
         b_blocks = [b_ref[r, blk(i)] for i in range(nb)]
         _, _, Ti = _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dt)
-        for i in range(nb):
-            for j in range(nb):
-                blk_ij = Ti[i, j] if j <= i else jnp.zeros((n, n), _F32)
-                tinv_ref[r, blk(i), blk(j)] = blk_ij.astype(tinv_ref.dtype)
+        _store_inverse(tinv_ref, r, Ti, blk, nb, n)
 
 
 def _wu_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, tinv_ref, w_ref, u_ref, *, cfg):
