@@ -13,9 +13,12 @@ Without --config the config is DIR/config.json (the resolved config the run was 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import sys
+import threading
 import time
 
 from absl import app, flags
@@ -53,6 +56,25 @@ def _load_config(workdir: str):
     return ml_collections.ConfigDict(d), recorded.get("data_dir")
 
 
+@contextlib.contextmanager
+def _quiet_background_failures():
+    """A restore that fails (say on shapes) tears Orbax's asyncio workers down mid-flight: their
+    future callbacks then hit a closed event loop and print tracebacks, from other threads and at
+    any moment, that would bury our one-sentence error. Mute those channels meanwhile."""
+    futures_log = logging.getLogger("concurrent.futures")
+    saved = (futures_log.level, threading.excepthook, sys.excepthook, sys.unraisablehook)
+    futures_log.setLevel(logging.CRITICAL + 1)
+    threading.excepthook = lambda args: None
+    # Native (tensorstore) threads report a failing Python callback through sys.excepthook.
+    sys.excepthook = lambda *args: None
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        futures_log.setLevel(saved[0])
+        threading.excepthook, sys.excepthook, sys.unraisablehook = saved[1:]
+
+
 def _restore(config, workdir, trainer):
     """(step, params) from the checkpoint, or from --hf_dir."""
     from flax import nnx
@@ -86,7 +108,8 @@ def _restore(config, workdir, trainer):
             raise app.UsageError(f"step {_STEP.value} is not among the checkpoints {steps}.")
         abstract = train_step.abstract_with_shardings(trainer)
         try:
-            restored = ckpt.restore(abstract, step=_STEP.value)
+            with _quiet_background_failures():
+                restored = ckpt.restore(abstract, step=_STEP.value)
         except Exception as e:  # noqa: BLE001 - shape/tree mismatch surfaces as many types
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             # A failed Orbax restore leaves its asyncio worker half torn down, and interpreter
