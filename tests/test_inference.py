@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -223,9 +224,10 @@ def test_speculative_greedy_high_acceptance():
 # ------------------------------------------------------------------------------------ eval.py
 
 
-def _run_eval(*args, timeout=600, script="eval.py"):
+def _run_eval(*args, timeout=600, script="eval.py", one_device=True):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = ""
+    if one_device:
+        env["XLA_FLAGS"] = ""
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *args],
         capture_output=True,
@@ -260,23 +262,24 @@ def test_eval_cli_errors_are_one_sentence(tmp_path):
 
 @pytest.mark.slow
 def test_eval_after_short_training(tmp_path):
-    # Trained in a subprocess on one CPU device (the in-process 8-fake-device mesh is not needed).
+    # test_train's SMALL run on the same 8 fake devices: its train and eval steps are already in
+    # the persistent compilation cache when test_train ran first, and vice versa.
+    from test_train import SMALL
+
     workdir = str(tmp_path / "run")
-    overrides = dict(
-        train_steps=4, global_batch_size=8, checkpoint_every=4, eval_batches=1, log_every=2
-    )
+    overrides = {**SMALL, "train_steps": 4, "checkpoint_every": 4}
     args = [f"--config.{k}={v}" for k, v in overrides.items()]
-    args += ["--config.data.seq_len=64", "--config.optim.warmup_steps=1"]
-    r = _run_eval(f"--workdir={workdir}", *args, script="train.py")
+    run = functools.partial(_run_eval, one_device=False)
+    r = run(f"--workdir={workdir}", *args, script="train.py")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _run_eval(f"--workdir={workdir}")
+    r = run(f"--workdir={workdir}")
     assert r.returncode == 0, r.stderr[-2000:]
     with open(os.path.join(workdir, "eval.json")) as f:
         ev = json.load(f)
     assert ev["step"] == 4 and np.isfinite(ev["loss"])
     assert abs(ev["perplexity"] - np.exp(ev["loss"])) < 1e-6 * ev["perplexity"]
     assert "perplexity" in r.stdout
-    r = _run_eval(
+    r = run(
         f"--workdir={workdir}",
         "--mode=generate",
         "--prompt=def ",
