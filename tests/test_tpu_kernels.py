@@ -117,6 +117,19 @@ def test_splash_shape_errors_and_auto_fallback():
         ModelConfig(moe_backend="gmm")
 
 
+def test_auto_on_tpu_falls_back_to_xla_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(sharding, "target_platform", lambda: "tpu")
+    assert attention.resolve_backend("auto") == "splash"
+    q, k, v, _ = _qkv(1, 100, 2, 1, 128)  # T = 100: splash needs multiples of 128
+    ref = attention.causal_attention(q, k, v, backend="xla")
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            out = attention.causal_attention(q, k, v, backend="auto")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    warned = [r for r in caplog.records if "using XLA attention" in r.getMessage()]
+    assert len(warned) == 1 and "(1, 100, 2, 128)" in warned[0].getMessage()
+
+
 # --------------------------------------------------------------------------------- megablox
 
 T_TOK, D, F, E, TOPK = 64, 128, 64, 4, 2

@@ -10,6 +10,8 @@ such as a prompt of arbitrary length, fall back to xla).
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 
@@ -45,7 +47,9 @@ def causal_attention(
     auto = backend == "auto"
     backend = resolve_backend(backend)
     if backend in ("splash", "splash_interpret"):
-        if not (auto and not attention_splash.supports(q_BTNH, k_BSKH)):
+        if auto and not attention_splash.supports(q_BTNH, k_BSKH):
+            _warn_fallback(q_BTNH.shape, k_BSKH.shape)
+        else:
             return attention_splash.splash_attention(
                 q_BTNH,
                 k_BSKH,
@@ -63,6 +67,22 @@ def causal_attention(
             q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=True, implementation="cudnn"
         )
     return _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask)
+
+
+_FALLBACKS_SEEN: set[tuple] = set()
+
+
+def _warn_fallback(q_shape, k_shape) -> None:
+    """Once per shape: on TPU a training-length sequence on XLA attention is a large slowdown."""
+    key = (tuple(q_shape), tuple(k_shape))
+    if key not in _FALLBACKS_SEEN:
+        _FALLBACKS_SEEN.add(key)
+        logging.warning(
+            "attention: splash cannot take q %s / k %s on this mesh (needs self-attention, T a "
+            "multiple of 128, batch and heads divisible by their shards); using XLA attention.",
+            q_shape,
+            k_shape,
+        )
 
 
 def _xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
