@@ -139,3 +139,15 @@ def test_out_of_hbm_compile_is_read_as_a_lower_bound():
     }
     with pytest.raises(aot.AotError, match=r"needs at least 79.3 GiB per chip but a TPU v6e"):
         aot.check_fits(report)
+
+
+def test_report_names_the_attention_kernel_the_shapes_allow():
+    from qwen3next_jax.training import train_step
+
+    devices = tpu_devices("v5p:2x2x1")
+    for seq_len, want in ((128, "splash"), (100, "xla (splash cannot take these shapes)")):
+        c = small_config(fsdp=2, expert=2)
+        c.data.seq_len = seq_len
+        mesh = sharding.mesh_from_config(c, devices)
+        got = aot._resolved_backends(train_step.model_config_from(c), mesh, 16, seq_len)
+        assert got == {"attention": want, "gated_deltanet": "chunk_mxu", "moe": "megablox"}

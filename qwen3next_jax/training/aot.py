@@ -94,8 +94,9 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_sharding) -> dict:
     }
 
 
-def _resolved_backends(mcfg, mesh) -> dict[str, str]:
-    from qwen3next_jax.ops import attention, moe
+def _resolved_backends(mcfg, mesh, batch_rows: int, seq_len: int) -> dict[str, str]:
+    """The kernels the compiled step uses; ``batch_rows`` is one micro-batch's sequences."""
+    from qwen3next_jax.ops import attention, attention_splash, moe
 
     with sharding.use_mesh(mesh):
         gdn = mcfg.gdn_backend
@@ -103,8 +104,16 @@ def _resolved_backends(mcfg, mesh) -> dict[str, str]:
             gdn = {"tpu": "chunk_mxu", "gpu": "pallas (16-bit inputs)"}.get(
                 sharding.target_platform(), "chunk"
             )
+        attn = attention.resolve_backend(mcfg.attention_backend)
+        if attn == "splash" and mcfg.attention_backend == "auto":
+            shape = lambda heads: jax.ShapeDtypeStruct(  # noqa: E731
+                (batch_rows, seq_len, heads, mcfg.head_dim), jnp.dtype(mcfg.dtype)
+            )
+            q, k = shape(mcfg.num_attention_heads), shape(mcfg.num_key_value_heads)
+            if not attention_splash.supports(q, k):
+                attn = "xla (splash cannot take these shapes)"
         return {
-            "attention": attention.resolve_backend(mcfg.attention_backend),
+            "attention": attn,
             "gated_deltanet": gdn,
             "moe": moe._resolve_backend(mcfg.moe_backend),
         }
@@ -228,7 +237,12 @@ def compile_train_step(config: ml_collections.ConfigDict, topology: str) -> dict
         "micro_batches": int(config.micro_batches),
         "tokens_per_step": tokens,
         "params": params,
-        "backends": _resolved_backends(mcfg, mesh),
+        "backends": _resolved_backends(
+            mcfg,
+            mesh,
+            int(config.global_batch_size) // int(config.micro_batches),
+            int(config.data.seq_len),
+        ),
         "remat_policy": mcfg.remat_policy,
         "per_chip_bytes": {
             "arguments": mem.arguments if compiled else None,
