@@ -188,10 +188,14 @@ def test_cli_trains_resumes_and_survives_sigterm(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 400
-    while time.time() < deadline and not os.path.exists(os.path.join(wd2, "metrics.jsonl")):
+    # Wait for a logged step (the loop is running), not just the file: under load the gap
+    # between the file appearing and the first step can be seconds.
+    deadline, metrics_path = time.time() + 400, os.path.join(wd2, "metrics.jsonl")
+    while time.time() < deadline and not (
+        os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0
+    ):
         time.sleep(1)
-    time.sleep(2)
+    time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]

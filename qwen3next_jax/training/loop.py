@@ -144,13 +144,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         num_devices=jax.device_count(),
         peak_flops_per_device=metrics_lib.peak_flops_per_device(jax.devices()[0]),
     )
-    writer = metrics_lib.MetricsWriter(
-        workdir, total_steps=config.train_steps, start_step=start, is_chief=chief
-    )
-    step = start
-    t_last, steps_since = time.perf_counter(), 0
-    compile_s = None
+    # The guard goes up before the metrics file appears, so a SIGTERM from then on (orchestrators
+    # send it at any moment) is a graceful save-and-exit, never a kill mid-setup.
     with checkpointing.PreemptionGuard() as guard:
+        writer = metrics_lib.MetricsWriter(
+            workdir, total_steps=config.train_steps, start_step=start, is_chief=chief
+        )
+        step = start
+        t_last, steps_since = time.perf_counter(), 0
+        compile_s = None
         while step < config.train_steps:
             batch = _global_batch(next(data_iter), trainer.batch_sharding)
             t0 = time.perf_counter()
