@@ -476,10 +476,13 @@ def _pallas_supported(q, v, chunk_size):
     return pow2(q.shape[-1]) and pow2(v.shape[-1]) and chunk_size in (16, 32, 64)
 
 
-def _pallas_auto(q, k, v, chunk_size):
-    """ "auto" takes the kernels on GPU for supported shapes and 16-bit q, k, v."""
-    half = all(jnp.dtype(x.dtype).itemsize == 2 for x in (q, k, v))
-    return sharding.target_platform() == "gpu" and half and _pallas_supported(q, v, chunk_size)
+def resolve_auto(kernel_inputs_ok: bool = True) -> str:
+    """What "auto" runs on `sharding.target_platform()`: chunk_mxu on TPU, the Pallas kernels on
+    GPU when ``kernel_inputs_ok`` (16-bit q, k, v of supported shapes), else chunk."""
+    platform = sharding.target_platform()
+    if platform == "tpu":
+        return "chunk_mxu"
+    return "pallas" if platform == "gpu" and kernel_inputs_ok else "chunk"
 
 
 def gated_delta_rule(
@@ -507,10 +510,8 @@ def gated_delta_rule(
     if backend not in BACKENDS:
         raise ValueError(f"Unknown gated delta rule backend {backend!r}; choose one of {BACKENDS}.")
     if backend == "auto":
-        if sharding.target_platform() == "tpu":
-            backend = "chunk_mxu"
-        else:
-            backend = "pallas" if _pallas_auto(q, k, v, chunk_size) else "chunk"
+        half = all(jnp.dtype(x.dtype).itemsize == 2 for x in (q, k, v))
+        backend = resolve_auto(half and _pallas_supported(q, v, chunk_size))
     kwargs = dict(
         scale=scale, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size
     )

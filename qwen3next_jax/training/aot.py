@@ -96,14 +96,12 @@ def abstract_batch(config: ml_collections.ConfigDict, batch_sharding) -> dict:
 
 def _resolved_backends(mcfg, mesh, batch_rows: int, seq_len: int) -> dict[str, str]:
     """The kernels the compiled step uses; ``batch_rows`` is one micro-batch's sequences."""
-    from qwen3next_jax.ops import attention, attention_splash, moe
+    from qwen3next_jax.ops import attention, attention_splash, delta_rule, moe
 
     with sharding.use_mesh(mesh):
         gdn = mcfg.gdn_backend
         if gdn == "auto":
-            gdn = {"tpu": "chunk_mxu", "gpu": "pallas (16-bit inputs)"}.get(
-                sharding.target_platform(), "chunk"
-            )
+            gdn = delta_rule.resolve_auto()
         attn = attention.resolve_backend(mcfg.attention_backend)
         if attn == "splash" and mcfg.attention_backend == "auto":
             shape = lambda heads: jax.ShapeDtypeStruct(  # noqa: E731
