@@ -94,6 +94,7 @@ def _restore(config, workdir, trainer):
             trainer = _rebuild_for(config, model.cfg)
         return 0, nnx.state(model, nnx.Param), trainer
 
+    from qwen3next_jax.config import ConfigError
     from qwen3next_jax.training import checkpointing, train_step
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -108,17 +109,19 @@ def _restore(config, workdir, trainer):
             raise app.UsageError(f"step {_STEP.value} is not among the checkpoints {steps}.")
         abstract = train_step.abstract_with_shardings(trainer)
         try:
-            with _quiet_background_failures():
+            ckpt.check_compatible(abstract, steps[-1] if _STEP.value is None else _STEP.value)
+        except ConfigError as e:
+            raise app.UsageError(str(e)) from None
+        with _quiet_background_failures():
+            try:
                 restored = ckpt.restore(abstract, step=_STEP.value)
-        except Exception as e:  # noqa: BLE001 - shape/tree mismatch surfaces as many types
-            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            # A failed Orbax restore leaves its asyncio worker half torn down, and interpreter
-            # shutdown would print that thread's traceback after our sentence: exit at once.
-            sys.stderr.write(
-                f"eval.py: the checkpoint in {ckpt_dir} does not match the config ({msg}).\n"
-            )
-            sys.stderr.flush()
-            os._exit(1)
+            except Exception as e:  # noqa: BLE001 - unreadable files surface as many types
+                msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                # A failed Orbax restore leaves its asyncio workers half torn down; they print
+                # tracebacks from other threads until (and during) shutdown: exit at once, muted.
+                sys.stderr.write(f"eval.py: the checkpoint in {ckpt_dir} cannot be read ({msg}).\n")
+                sys.stderr.flush()
+                os._exit(1)
     finally:
         ckpt.close()
     step, state, _, _ = restored

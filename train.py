@@ -43,9 +43,14 @@ def main(argv):
         except aot.AotError as e:
             sys.exit(f"error: {e}")
         return
+    from qwen3next_jax.config import ConfigError
     from qwen3next_jax.training.loop import train_and_evaluate
 
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    # Bad input is one sentence; a traceback here would only bury it.
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

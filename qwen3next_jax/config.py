@@ -17,6 +17,11 @@ _LAYER_TYPES = (LINEAR, FULL)
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+class ConfigError(ValueError):
+    """Bad user input (config value, data, checkpoint): its message is one sentence naming the
+    value and what was expected, and the entry points print it without a traceback."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyperparameters. Defaults are the published Qwen3-Next-80B-A3B (spec §1.1)."""
@@ -74,7 +79,7 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
         for err in self._errors():
-            raise ValueError(err)
+            raise ConfigError(err)
 
     # ----------------------------------------------------------------------------------- derived
     @property

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qwen3next_jax.config import ConfigError
 from qwen3next_jax.training import checkpointing
 from qwen3next_jax.training.checkpointing import Checkpointer, PreemptionGuard
 
@@ -131,6 +132,30 @@ def test_wrong_target_raises_and_moves_nothing(tmp_path, mesh):
         with pytest.warns(RuntimeWarning), pytest.raises(ValueError):
             ckpt.restore(wrong)
         assert ckpt.all_steps() == [1]
+
+
+def test_check_compatible_names_the_first_mismatch(tmp_path, mesh):
+    state = make_state(mesh)
+    with Checkpointer(tmp_path, save_every=1, async_save=False) as ckpt:
+        ckpt.save(1, state, {}, {})
+        abstract = checkpointing.abstract_like(state)
+        ckpt.check_compatible(abstract, 1)  # same tree: silent
+        # Another dtype restores by casting: still compatible.
+        as_bf16 = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), abstract)
+        ckpt.check_compatible(as_bf16, 1)
+        wider = dict(abstract, params=dict(abstract["params"]))
+        wider["params"]["w_DF"] = jax.ShapeDtypeStruct((8, 24), jnp.float32)
+        with pytest.raises(
+            ConfigError,
+            match=r"state/params/w_DF with shape \(8, 16\), but the config expects \(8, 24\)",
+        ):
+            ckpt.check_compatible(wider, 1)
+        more = dict(abstract, extra=jax.ShapeDtypeStruct((2,), jnp.float32))
+        with pytest.raises(ConfigError, match="has no array state/extra,"):
+            ckpt.check_compatible(more, 1)
+        fewer = dict(abstract, params={"w_DF": abstract["params"]["w_DF"]})
+        with pytest.raises(ConfigError, match="holds array state/params/b_F,"):
+            ckpt.check_compatible(fewer, 1)
 
 
 def test_restore_params_only(tmp_path, mesh):

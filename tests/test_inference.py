@@ -293,4 +293,4 @@ def test_eval_after_short_training(tmp_path):
         json.dump(d, f)
     r = _run_eval(f"--workdir={workdir}")
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "does not match" in r.stderr
+    assert "but the config expects" in r.stderr and "96" in r.stderr

@@ -177,6 +177,17 @@ def test_cli_trains_resumes_and_survives_sigterm(tmp_path):
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming at step 12" in second.stdout
+    # Same workdir, another model: refused in one sentence before anything compiles.
+    other = subprocess.run(
+        _train_cmd(wd, "--config.train_steps=14", "--config.model.hidden_size=96"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    assert "but the config expects" in other.stderr and "new --workdir" in other.stderr
 
     # Preemption: SIGTERM mid-run -> a final checkpoint and exit code 0.
     wd2 = str(tmp_path / "preempt")

@@ -36,6 +36,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from qwen3next_jax.config import ConfigError
 from qwen3next_jax.data.prepare import INDEX_FILE, INDEX_FORMAT, SPLITS
 from qwen3next_jax.data.tokenizers import Tokenizer, load_tokenizer
 
@@ -56,12 +57,12 @@ def load_index(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}).") from None
+        raise ConfigError(f"{path} is not valid JSON ({e.msg}).") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path} is not a {INDEX_FORMAT} index (format {index.get('format')!r}).")
+        raise ConfigError(f"{path} is not a {INDEX_FORMAT} index (format {index.get('format')!r}).")
     for key in ("tokenizer", "vocab_size", "eos_id", "dtype", "splits"):
         if key not in index:
-            raise ValueError(f"{path} lacks the key {key!r}.")
+            raise ConfigError(f"{path} lacks the key {key!r}.")
     return index
 
 
@@ -77,7 +78,7 @@ def corpus_tokenizer(data_dir: str | os.PathLike[str]) -> Tokenizer:
 
 def check_vocab(index: dict[str, Any], model_vocab_size: int) -> None:
     if index["vocab_size"] > model_vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the corpus uses a vocabulary of {index['vocab_size']} tokens but the model's "
             f"vocab_size is {model_vocab_size}."
         )
@@ -91,7 +92,7 @@ class TokenStream:
 
     def __init__(self, data_dir: str | os.PathLike[str], split: str, index: dict[str, Any]):
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}.")
+            raise ConfigError(f"unknown split {split!r}; expected one of {SPLITS}.")
         self.data_dir = Path(data_dir).expanduser()
         self.split = split
         self.dtype = np.dtype(index["dtype"])
@@ -116,11 +117,11 @@ class TokenStream:
                     raise FileNotFoundError(f"shard {f} listed in {INDEX_FILE} does not exist.")
                 a = np.load(f, mmap_mode="r", allow_pickle=False)
                 if a.dtype != self.dtype:
-                    raise ValueError(
+                    raise ConfigError(
                         f"shard {f} holds {a.dtype} tokens but {INDEX_FILE} says {self.dtype}."
                     )
                 if a.ndim != 1 or len(a) != size:
-                    raise ValueError(
+                    raise ConfigError(
                         f"shard {f} holds {a.shape} tokens but {INDEX_FILE} says ({size},)."
                     )
                 arrays.append(a)
@@ -186,15 +187,15 @@ def _process_shard(shard_index: int | None, shard_count: int | None) -> tuple[in
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}/{shard_count}.")
+        raise ConfigError(f"need 0 <= shard_index < shard_count, got {shard_index}/{shard_count}.")
     return shard_index, shard_count
 
 
 def _check_sizes(seq_len: int, batch_size: int) -> None:
     if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}.")
+        raise ConfigError(f"seq_len must be positive, got {seq_len}.")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}.")
 
 
 def train_dataset(
@@ -221,7 +222,7 @@ def train_dataset(
     stream = TokenStream(data_dir, "train", index)
     num_windows = (len(stream) - 1) // seq_len
     if num_windows < 1:
-        raise ValueError(
+        raise ConfigError(
             f"the training split holds {len(stream)} tokens, fewer than one window of "
             f"seq_len + 1 = {seq_len + 1} tokens."
         )
@@ -300,7 +301,7 @@ def make_eval_batches(
     check_vocab(index, model_vocab_size)
     stream = TokenStream(data_dir, "eval", index)
     if len(stream) < 2:
-        raise ValueError(
+        raise ConfigError(
             f"the corpus in {data_dir} has no eval split ({len(stream)} eval tokens); prepare it "
             "with --eval_fraction > 0."
         )

@@ -37,6 +37,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from qwen3next_jax.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 COMMIT_FILE = "commit_success.txt"
@@ -55,6 +57,20 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
     """sha256 (hex, 16 chars) of the config as canonical JSON; equal configs, equal prints."""
     text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _key_name(path) -> str:
+    """'state/opt/1/count' for a tree path: Orbax's metadata stores named tuples and dataclasses
+    as dicts and tuples by index, so paths compare by their names only."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(["state", *parts])
 
 
 class Checkpointer:
@@ -165,6 +181,37 @@ class Checkpointer:
         if missing:
             raise FileNotFoundError(f"checkpoint step {step} lacks item {missing[0]!r}.")
         return step, out["state"], dict(out["data"]), dict(out["meta"])
+
+    def check_compatible(self, abstract_state: Any, step: int) -> None:
+        """Raises ConfigError, in one sentence, if ``step``'s saved arrays differ from
+        ``abstract_state`` in tree structure or shapes (dtypes may differ: restore casts).
+
+        Reads only Orbax's metadata, so a mismatch is named before any array is read; a failed
+        array restore would instead leave Orbax's worker threads printing tracebacks.
+        """
+        try:
+            meta = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state")
+            saved = jax.tree_util.tree_flatten_with_path(meta.tree)[0]
+        except Exception:  # noqa: BLE001 - no readable metadata: restore() reports what is wrong
+            return
+        saved = {_key_name(p): tuple(m.shape) for p, m in saved}
+        wanted = {
+            _key_name(p): tuple(a.shape)
+            for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+        }
+        where = f"checkpoint step {step} in {self.directory}"
+        for key, shape in wanted.items():
+            if key not in saved:
+                raise ConfigError(f"{where} has no array {key}, which the config needs.")
+            if saved[key] != shape:
+                raise ConfigError(
+                    f"{where} stores {key} with shape {saved[key]}, but the config expects {shape}."
+                )
+        extra = sorted(set(saved) - set(wanted))
+        if extra:
+            raise ConfigError(
+                f"{where} holds array {extra[0]}, which the config's model does not have."
+            )
 
     def restore(
         self, abstract_state: Any, step: int | None = None

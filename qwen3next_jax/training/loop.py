@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from qwen3next_jax import sharding
+from qwen3next_jax.config import ConfigError
 from qwen3next_jax.data import pipeline
 from qwen3next_jax.data.corpus import builtin_corpus_dir
 from qwen3next_jax.training import checkpointing, train_step
@@ -38,22 +39,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     n_proc = jax.process_count()
     gb, micro = int(config.global_batch_size), int(config.micro_batches)
     if gb <= 0 or micro <= 0:
-        raise ValueError(f"global_batch_size={gb} and micro_batches={micro} must be positive.")
+        raise ConfigError(f"global_batch_size={gb} and micro_batches={micro} must be positive.")
     if gb % (n_proc * micro):
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size={gb} is not divisible by process_count ({n_proc}) × "
             f"micro_batches ({micro})."
         )
     if config.train_steps <= 0:
-        raise ValueError(f"train_steps={config.train_steps} must be positive.")
+        raise ConfigError(f"train_steps={config.train_steps} must be positive.")
     if config.nonfinite not in ("stop", "skip"):
-        raise ValueError(f"nonfinite={config.nonfinite!r} must be 'stop' or 'skip'.")
+        raise ConfigError(f"nonfinite={config.nonfinite!r} must be 'stop' or 'skip'.")
     if config.loss.lb_scope not in ("global_batch", "micro_batch"):
-        raise ValueError(
+        raise ConfigError(
             f"loss.lb_scope={config.loss.lb_scope!r} must be 'global_batch' or 'micro_batch'."
         )
     if config.data.seq_len <= 0:
-        raise ValueError(f"data.seq_len={config.data.seq_len} must be positive.")
+        raise ConfigError(f"data.seq_len={config.data.seq_len} must be positive.")
 
 
 def _global_batch(local: dict, sharding_) -> dict:
@@ -69,7 +70,7 @@ def check_divisible(config, mesh):
         batch_shards *= mesh.shape[a]
     per_micro = config.global_batch_size // config.micro_batches
     if per_micro % batch_shards:
-        raise ValueError(
+        raise ConfigError(
             f"global_batch_size / micro_batches = {per_micro} sequences cannot be split over the "
             f"{batch_shards} batch shards of mesh {dict(mesh.shape)}."
         )
@@ -123,6 +124,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         async_save=config.async_checkpointing,
     )
     abstract = train_step.abstract_with_shardings(trainer)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        try:
+            ckpt.check_compatible(abstract, latest)
+        except ConfigError as e:
+            raise ConfigError(
+                f"{str(e).rstrip('.')}; resume with the config this workdir was trained with, "
+                "or use a new --workdir."
+            ) from None
     restored = ckpt.restore(abstract)
     if restored is not None:
         start, state, data_state, _ = restored
