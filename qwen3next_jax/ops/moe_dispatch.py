@@ -121,22 +121,24 @@ def _dispatch_bwd(res, g_RD):
 dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
-@jax.custom_vjp
-def permute(x_ND: jax.Array, src_R: jax.Array, pos_N: jax.Array) -> jax.Array:
-    """Injective row move: out[r] = x[src_R[r]] (zeros where src_R[r] == N). Returns [R, D]."""
-    return _take_rows(x_ND, src_R)
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_sum(y_RD: jax.Array, src_R: jax.Array, pos_TK: jax.Array, out_dtype) -> jax.Array:
+    """out[t] = sum_k y[pos[t, k]] in fp32 (absent rows add 0); [T, D] out_dtype. The transpose
+    of `dispatch`: it sums rows that one token was copied to."""
+    return _gather_sum(y_RD, pos_TK).astype(out_dtype)
 
 
-def _permute_fwd(x_ND, src_R, pos_N):
-    return permute(x_ND, src_R, pos_N), (src_R, pos_N)
+def _gather_sum_fwd(y_RD, src_R, pos_TK, out_dtype):
+    # A zero-size array carries y's dtype (residuals must be arrays).
+    return gather_sum(y_RD, src_R, pos_TK, out_dtype), (src_R, pos_TK, y_RD[:0, :0])
 
 
-def _permute_bwd(res, g_RD):
-    src_R, pos_N = res
-    return _take_rows(g_RD, pos_N), None, None
+def _gather_sum_bwd(out_dtype, res, g_TD):
+    src_R, pos_TK, y_dtype = res
+    return _take_rows(g_TD, src_R // pos_TK.shape[1]).astype(y_dtype.dtype), None, None
 
 
-permute.defvjp(_permute_fwd, _permute_bwd)
+gather_sum.defvjp(_gather_sum_fwd, _gather_sum_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
