@@ -164,6 +164,10 @@ def test_restore_params_only(tmp_path, mesh):
         ckpt.save(4, state, {}, {})
     params = checkpointing.restore_params(tmp_path, checkpointing.abstract_like(state["params"]))
     assert_same(state["params"], params)
+    wrong = dict(checkpointing.abstract_like(state["params"]))
+    wrong["b_F"] = jax.ShapeDtypeStruct((32,), jnp.bfloat16)
+    with pytest.raises(ConfigError, match=r"stores state/params/b_F with shape \(16,\)"):
+        checkpointing.restore_params(tmp_path, wrong)
 
 
 def test_config_fingerprint_is_order_free():

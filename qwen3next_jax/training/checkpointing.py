@@ -75,7 +75,7 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _key_name(path) -> str:
+def _key_name(path, prefix: str = "state") -> str:
     """'state/opt/1/count' for a tree path: Orbax's metadata stores named tuples and dataclasses
     as dicts and tuples by index, so paths compare by their names only."""
     parts = []
@@ -86,7 +86,7 @@ def _key_name(path) -> str:
                 break
         else:
             parts.append(str(k))
-    return "/".join(["state", *parts])
+    return "/".join([prefix, *parts])
 
 
 class Checkpointer:
@@ -206,29 +206,8 @@ class Checkpointer:
         Reads only Orbax's metadata, so a mismatch is named before any array is read; a failed
         array restore would instead leave Orbax's worker threads printing tracebacks.
         """
-        try:
-            meta = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / "state")
-            saved = jax.tree_util.tree_flatten_with_path(meta.tree)[0]
-        except Exception:  # noqa: BLE001 - no readable metadata: restore() reports what is wrong
-            return
-        saved = {_key_name(p): tuple(m.shape) for p, m in saved}
-        wanted = {
-            _key_name(p): tuple(a.shape)
-            for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
-        }
         where = f"checkpoint step {step} in {self.directory}"
-        for key, shape in wanted.items():
-            if key not in saved:
-                raise ConfigError(f"{where} has no array {key}, which the config needs.")
-            if saved[key] != shape:
-                raise ConfigError(
-                    f"{where} stores {key} with shape {saved[key]}, but the config expects {shape}."
-                )
-        extra = sorted(set(saved) - set(wanted))
-        if extra:
-            raise ConfigError(
-                f"{where} holds array {extra[0]}, which the config's model does not have."
-            )
+        check_saved_shapes(self.directory / str(step), abstract_state, where)
 
     def restore(
         self, abstract_state: Any, step: int | None = None
@@ -356,6 +335,37 @@ class PreemptionGuard:
         self._previous.clear()
 
 
+def check_saved_shapes(step_dir, abstract: Any, where: str, *, subtree: str | None = None):
+    """ConfigError if the arrays saved under ``step_dir/state`` (or its ``subtree`` entry) differ
+    from ``abstract`` in tree structure or shapes. Silent when the metadata cannot be read (the
+    restore then reports what is wrong)."""
+    try:
+        meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree
+        if subtree is not None:
+            meta = meta[subtree]
+        saved = jax.tree_util.tree_flatten_with_path(meta)[0]
+    except Exception:  # noqa: BLE001 - unreadable metadata: leave the verdict to the restore
+        return
+    prefix = "state" if subtree is None else f"state/{subtree}"
+    saved = {_key_name(p, prefix): tuple(m.shape) for p, m in saved}
+    wanted = {
+        _key_name(p, prefix): tuple(a.shape)
+        for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]
+    }
+    for key, shape in wanted.items():
+        if key not in saved:
+            raise ConfigError(f"{where} has no array {key}, which the config needs.")
+        if saved[key] != shape:
+            raise ConfigError(
+                f"{where} stores {key} with shape {saved[key]}, but the config expects {shape}."
+            )
+    extra = sorted(set(saved) - set(wanted))
+    if extra:
+        raise ConfigError(
+            f"{where} holds array {extra[0]}, which the config's model does not have."
+        )
+
+
 def save_params(directory: str | os.PathLike, params: Any, *, step: int = 0, meta=None) -> None:
     """Writes a params-only checkpoint (state = {'params': params}) at ``step``, synchronously."""
     with Checkpointer(directory, keep=1, save_every=1, async_save=False) as ckpt:
@@ -381,6 +391,7 @@ def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
     entries of the saved state (optimizer, rng) are not read.
     """
     step_dir = _resolve_step_dir(path)
+    check_saved_shapes(step_dir, abstract_params, f"checkpoint {step_dir}", subtree="params")
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
     ckptr = ocp.PyTreeCheckpointer()
     out = ckptr.restore(
