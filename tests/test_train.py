@@ -150,42 +150,26 @@ def _train_cmd(workdir, *flags):
     ]
 
 
+def _train_run(env, workdir, *flags):
+    cmd = _train_cmd(workdir, *flags)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_cli_trains_resumes_and_survives_sigterm(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # same 8 fake devices, same compile cache
     wd = str(tmp_path / "run")
-    first = subprocess.run(
-        _train_cmd(wd, "--config.train_steps=12", "--config.checkpoint_every=6"),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    first = _train_run(env, wd, "--config.train_steps=12", "--config.checkpoint_every=6")
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = _read_metrics(wd)
     assert metrics[12]["loss"] < metrics[1]["loss"] - 0.5  # byte-level loss falls from ~6.3
     assert os.path.isdir(os.path.join(wd, "checkpoints", "12"))
     assert os.path.exists(os.path.join(wd, "config.json"))
-    second = subprocess.run(
-        _train_cmd(wd, "--config.train_steps=14", "--config.checkpoint_every=6"),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    second = _train_run(env, wd, "--config.train_steps=14", "--config.checkpoint_every=6")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming at step 12" in second.stdout
     # Same workdir, another model: refused in one sentence before anything compiles.
-    other = subprocess.run(
-        _train_cmd(wd, "--config.train_steps=14", "--config.model.hidden_size=96"),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    other = _train_run(env, wd, "--config.train_steps=14", "--config.model.hidden_size=96")
     assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr[-3000:]
     assert "but the config expects" in other.stderr and "new --workdir" in other.stderr
 
