@@ -159,10 +159,12 @@ def _combine_bwd(out_dtype, res, g_TD):
     t, k = weights_TK.shape
     # Row side: each row r holds slot src_R[r]; its token's cotangent feeds both the row's
     # cotangent (times the slot's weight) and the slot weight's cotangent (dot with the row).
-    g_src_RD = _take_rows(g_TD, src_R // k).astype(jnp.float32)
+    # Gathered in g's own dtype and widened only inside the two fused products: a [R, D] fp32
+    # copy would be the largest buffer of the MoE backward.
+    g_src_RD = _take_rows(g_TD, src_R // k)
     w_R = _take_rows(weights_TK.reshape(t * k).astype(jnp.float32), src_R)
-    g_RD = (w_R[:, None] * g_src_RD).astype(y_RD.dtype)
-    g_w_R = jnp.sum(g_src_RD * y_RD.astype(jnp.float32), axis=-1)
+    g_RD = (w_R[:, None] * g_src_RD.astype(jnp.float32)).astype(y_RD.dtype)
+    g_w_R = jnp.sum(g_src_RD.astype(jnp.float32) * y_RD.astype(jnp.float32), axis=-1)
     g_w_TK = _take_rows(g_w_R, pos_TK).astype(weights_TK.dtype)
     return g_RD, g_w_TK, None, None
 
