@@ -57,7 +57,14 @@ def _register_array_handler() -> None:
         handler = ocp.type_handlers.ArrayHandler(
             min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
         )
-        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        # Orbax logs a warning for any override; this one is deliberate.
+        absl_log = logging.getLogger("absl")
+        level = absl_log.level
+        absl_log.setLevel(logging.ERROR)
+        try:
+            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        finally:
+            absl_log.setLevel(level)
         _array_handler_registered = True
 
 
