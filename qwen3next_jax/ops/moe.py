@@ -147,7 +147,20 @@ def _kept_slots(e_N, sorted_, limit_E):
 
 
 def _ep_exchange(
-    x_TD, weights_TK, e_TK, on_TSK, wg, wu, wd, *, chunk, recv_slots, axis, backend, capacity
+    x_TD,
+    weights_TK,
+    e_TK,
+    on_TSK,
+    need_TS,
+    wg,
+    wu,
+    wd,
+    *,
+    chunk,
+    recv_slots,
+    axis,
+    backend,
+    capacity,
 ):
     """One expert-parallel round trip. Each token travels once to every shard that owns one of
     its kept experts (`chunk` rows per destination), with its K slots' local expert ids and
@@ -158,7 +171,7 @@ def _ep_exchange(
     t, s_, k = on_TSK.shape
     e_local = wg.shape[0]
     # Entries are (token, destination) pairs, m = t * S + s; unneeded pairs are invalid (id S).
-    dest_M = jnp.where(jnp.any(on_TSK, -1), jnp.arange(s_, dtype=jnp.int32), s_).reshape(t * s_)
+    dest_M = jnp.where(need_TS, jnp.arange(s_, dtype=jnp.int32), s_).reshape(t * s_)
     send = place_by_group(
         dest_M, s_, s_ * chunk, lambda sizes_S: jnp.arange(s_, dtype=jnp.int32) * chunk
     )
@@ -206,6 +219,7 @@ def _ep_body(
     keep_TK = _kept_slots(e_N, sorted_, limit_E).reshape(t, k)
     shard_S = jnp.arange(num_shards, dtype=jnp.int32)
     on_TSK = keep_TK[:, None, :] & (idx_TK[:, None, :] // e_local == shard_S[None, :, None])
+    need_TS = jnp.any(on_TSK, -1)  # token t has a kept slot on shard s
 
     # Static buffer sizes, worst case ("safe") and twice the balanced load ("fast"): tokens per
     # destination (a token goes to a shard at most once) and valid slots received per device.
@@ -222,6 +236,7 @@ def _ep_body(
             weights_TK,
             idx_TK,
             on_TSK,
+            need_TS,
             wg,
             wu,
             wd,
@@ -233,7 +248,7 @@ def _ep_body(
         )
 
     if (chunk_fast, slots_fast) != (chunk_safe, slots_safe):
-        tokens_SS = jax.lax.all_gather(jnp.sum(jnp.any(on_TSK, -1), 0, dtype=jnp.int32), axis)
+        tokens_SS = jax.lax.all_gather(jnp.sum(need_TS, 0, dtype=jnp.int32), axis)
         recv_S = kept_SE.reshape(num_shards, num_shards, e_local).sum((0, 2))
         safe = (jnp.max(tokens_SS) > chunk_fast) | (jnp.max(recv_S) > slots_fast)
         y_TD = jax.lax.cond(

@@ -21,6 +21,7 @@ Preemption: ``PreemptionGuard`` turns SIGTERM (and optionally SIGINT) into a fla
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -48,24 +49,21 @@ _ITEMS = ("state", "data", "meta")
 # that costs thousands of tiny device programs per save (10 s per save of the tiny model on 8
 # CPU devices) and buys nothing; only slices of at least this many bytes are split.
 MIN_REPLICA_SLICE_BYTES = 4 << 20
-_array_handler_registered = False
 
 
+@functools.cache
 def _register_array_handler() -> None:
-    global _array_handler_registered
-    if not _array_handler_registered:
-        handler = ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
-        )
-        # Orbax logs a warning for any override; this one is deliberate.
-        absl_log = logging.getLogger("absl")
-        level = absl_log.level
-        absl_log.setLevel(logging.ERROR)
-        try:
-            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-        finally:
-            absl_log.setLevel(level)
-        _array_handler_registered = True
+    handler = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
+    )
+    # Orbax logs a warning for any override; this one is deliberate.
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_log.setLevel(level)
 
 
 def abstract_like(tree: Any) -> Any:
