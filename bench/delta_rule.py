@@ -108,6 +108,8 @@ def jax_impl(name, tuning=None):
         tuning = {**OPT, **(tuning or {})}
     if name == "pallas_tuned":
         tuning = {**TUNED, **(tuning or {})}
+    if name == "pallas_prev":  # session 2's final config: the inverse recomputed in the backward
+        tuning = {**PREV, **(tuning or {})}
     if name == "chunk":
         return lambda q, k, v, g, beta: dr.chunk_gated_delta_rule(q, k, v, g, beta)[0]
     return lambda q, k, v, g, beta: drp.pallas_gated_delta_rule(
@@ -245,8 +247,8 @@ KVARIANTS = [
     (dict(bv_dqk=128), ("bwd dq/dk (read-out)",)),
     (dict(warps_group=4), ("bwd dq/dk (read-out)",)),
     (dict(warps_wy=4), ("bwd WY (dk,dv,dbeta,dg)",)),
-    (dict(warps_intra=8), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
-    (dict(split_intra=True), ("fwd intra (W,U)", "bwd intra (W,U,Tinv)")),
+    (dict(warps_intra=8), ("fwd intra (W,U)", "bwd intra (W,U[,Tinv])")),
+    (dict(split_intra=True), ("fwd intra (W,U)", "bwd intra (W,U[,Tinv])")),
     (dict(split_intra=True, warps_par=8), ("fwd intra (W,U)",)),
     (dict(dvl_in_state=True), ("bwd state pass", "bwd dv_local (+v_new)")),
     (dict(dvl_in_state=True, bv_seq=16), ("bwd state pass",)),
@@ -257,7 +259,20 @@ KVARIANTS = [
 # so far; the first candidate of each group is the current config. The "pallas_tuned" rows
 # then run with the result.
 TUNE_GROUPS = [
-    (("fwd state pass", "bwd state pass"), [{}, dict(stages_seq=4)]),
+    (
+        ("fwd intra (W,U)", "bwd intra (W,U[,Tinv])"),
+        [
+            {},
+            dict(inv_power=True),
+            dict(inv_power=True, inv_dot="tf32x3"),
+            dict(inv_dot="tf32x3"),
+            dict(inv_power=True, inv_dot="tf32x3", warps_intra=8),
+        ],
+    ),
+    (
+        ("fwd state pass", "bwd state pass"),
+        [{}, dict(stages_seq=4), dict(warps_seq=8), dict(bv_seq=64, warps_seq=8)],
+    ),
     (
         ("bwd dq/dk (read-out)", "bwd WY (dk,dv,dbeta,dg)"),
         [
@@ -266,9 +281,9 @@ TUNE_GROUPS = [
             (dict(fuse_bwd=True, warps_fused=8), ("bwd dq/dk + WY fused",)),
         ],
     ),
-    (("fwd intra (W,U)", "bwd intra (W,U,Tinv)"), [{}, dict(warps_intra=8), dict(warps_intra=2)]),
     (("fwd output", "bwd dv_local (+v_new)"), [{}, dict(warps_par=8)]),
 ]
+PREV = dict(save_tinv=False)
 TUNED = {}
 
 
@@ -337,7 +352,13 @@ def breakdown(B, T, tuning=None, reps=20, only=None):
     vn, final, vn2, dvl, dst, dvn = x["vn"], x["final"], x["vn2"], x["dvl"], x["dst"], x["dvn"]
     cfg = drp._Cfg(B, x["Tp"], H, HV, K, V, 64, K**-0.5, "bfloat16", INTERPRET, **(tuning or {}))
     j = lambda fn: jax.jit(functools.partial(fn, cfg))
-    intra_bwd = jax.jit(lambda *a: drp._intra(cfg, *a, with_tinv=True))
+    # The forward's intra also writes the inverse when the backward keeps it; the backward's
+    # reruns only the W, U products then.
+    intra_fwd = jax.jit(lambda *a: drp._intra(cfg, *a, with_tinv=cfg.save_tinv))
+    if cfg.save_tinv:
+        intra_bwd = jax.jit(lambda *a: drp._wu(cfg, *a, tinv))
+    else:
+        intra_bwd = jax.jit(lambda *a: drp._intra(cfg, *a, with_tinv=True))
     gsum = lambda x: x.reshape(*x.shape[:2], H, HV // H, x.shape[-1]).sum(3)
 
     def dqk(*a):
@@ -353,14 +374,15 @@ def breakdown(B, T, tuning=None, reps=20, only=None):
         return gsum(dq), gsum(dk), dv, db, dg
 
     steps = [
-        ("fwd intra (W,U)", j(drp._intra), (k_, v_, gamma, beta_, seg)),
+        ("fwd intra (W,U)", intra_fwd, (k_, v_, gamma, beta_, seg)),
+        ("inverse kernel alone", j(drp._solve), (k_, gamma, beta_, seg)),
         ("fwd state pass", j(drp._state_fwd), (w, u, k_, gamma, seg, s0)),
         (
             "fwd output",
             jax.jit(lambda *a: drp._output(cfg, *a, jnp.bfloat16)),
             (q_, k_, states, vn, gamma, seg),
         ),
-        ("bwd intra (W,U,Tinv)", intra_bwd, (k_, v_, gamma, beta_, seg)),
+        ("bwd intra (W,U[,Tinv])", intra_bwd, (k_, v_, gamma, beta_, seg)),
         ("bwd dv_local (+v_new)", j(drp._dv_local), (q_, k_, w, u, states, gamma, seg, do_))
         if not cfg.dvl_in_state
         else ("bwd dv_local (+v_new)", j(drp._vn), (w, u, states)),
@@ -416,6 +438,7 @@ def main():
     p.add_argument("--opt-shapes", default="1x32768,8x4096", help="shapes of pallas_opt rows")
     p.add_argument("--kvariants", default="", help="BxT: time KVARIANTS kernel by kernel")
     p.add_argument("--autotune", default="", help="BxT: choose TUNE_GROUPS, then pallas_tuned")
+    p.add_argument("--tuning", default="", help="JSON dict of _Cfg options for pallas_tuned")
     p.add_argument("--budget", type=float, default=380.0)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--interpret", action="store_true")
@@ -425,6 +448,8 @@ def main():
     INTERPRET = args.interpret
     H, HV, K, V = (int(x) for x in args.dims.split(","))
     os.makedirs(OUT, exist_ok=True)
+    if args.tuning:
+        TUNED.update(json.loads(args.tuning))
     late = lambda: time.time() - START > args.budget
     log(f"jax {jax.__version__} devices {jax.devices()} python {platform.python_version()}")
     try:

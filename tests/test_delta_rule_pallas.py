@@ -44,6 +44,8 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
         dict(dqk_hv=False, wy_hv=False, bv_dqk=16),
         dict(dqk_hv=True, wy_hv=True, bv_dqk=16, gates_kernel=False),
         dict(fuse_bwd=True),
+        dict(save_tinv=False, inv_power=True),
+        dict(split_intra=False, inv_power=True),
     ],
 )
 def test_kernel_options_match_reference(tuning):
@@ -99,20 +101,23 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
 @pytest.mark.parametrize(
     "H, HV, tuning, n_kernels",
     [
-        (2, 4, {}, 10),
-        (8, 16, {}, 12),
+        (2, 4, {}, 9),
+        (8, 16, {}, 11),
+        (2, 4, dict(save_tinv=False, inv_power=True), 10),
+        (2, 4, dict(inv_power=True, inv_dot="tf32x3"), 9),
         (2, 4, dict(split_intra=False), 8),
-        (2, 4, dict(dvl_in_state=False), 10),
-        (2, 4, dict(dqk_hv=False, wy_hv=False), 10),
-        (2, 4, dict(fuse_bwd=True), 9),
+        (2, 4, dict(dvl_in_state=False), 9),
+        (2, 4, dict(dqk_hv=False, wy_hv=False), 9),
+        (2, 4, dict(fuse_bwd=True), 8),
     ],
 )
 def test_every_kernel_lowers_to_triton_for_cuda(H, HV, tuning, n_kernels):
     """The Qwen3-Next shape (Dk = Dv = 128, HV = 2H, bf16, C = 64) through forward and backward:
     every pallas_call must lower to Triton IR (power-of-two tensors, supported primitives).
-    4 forward kernels (inverse, W/U, state pass, output) and 6 backward ones (inverse, W/U,
-    v_new, reverse state pass, dq/dk, WY); with HV a power of two >= 16 also the gates kernel
-    and its backward (else XLA computes the gates); split_intra=False: intra is one kernel."""
+    4 forward kernels (inverse, W/U, state pass, output) and 5 backward ones (W/U from the saved
+    inverse, v_new, reverse state pass, dq/dk, WY; save_tinv=False reruns the inverse too);
+    with HV a power of two >= 16 also the gates kernel and its backward (else XLA computes the
+    gates); split_intra=False: the forward's intra is one kernel."""
     spec = jax.ShapeDtypeStruct
     B, T, K = 1, 200, 128
     bf = jnp.bfloat16

@@ -15,8 +15,9 @@ forward   _solve_kernel      grid (B, H, N)     Tinv = (I + A)^-1 per value head
           _state_fwd_kernel  grid (B, HV, V/BV) sequential over chunks: chunk-start states,
                                                 v_new = U - W S, final state
           _output_kernel     grid (B, HV, N, V/BV)  o = scale (q e^gamma S + (q k^T . L) v_new)
-backward  _solve_kernel, _wu_kernel again (only inputs and chunk-start states are saved; the
-                                                inverse is a transient of the backward)
+backward  _wu_kernel again, from the saved inverse (the inputs, chunk-start states and
+                                                the inverse are saved; save_tinv=False reruns
+                                                _solve_kernel too)
           _vn_kernel         grid (B, HV, N, V/BV)  v_new again
           _state_bwd_kernel  grid (B, HV, V/BV) reverse over chunks: dS at every chunk end,
                                                 dv_new (with the chunk-local (q k^T . L)^T do
@@ -29,8 +30,9 @@ backward  _solve_kernel, _wu_kernel again (only inputs and chunk-start states ar
 
 Key heads: kernels on a value-head grid read key head j // R through their index maps; kernels
 on a key-head grid loop over the R value heads of the group, so q/k are never repeated. The
-triangular inverse is done on 16-row sub-blocks: forward substitution inside each diagonal block,
-then block forward substitution with small fp32 products (P9). Storage of intermediates (W, U,
+triangular inverse is done on 16-row sub-blocks: forward substitution inside each diagonal block
+(inv_power=True: repeated squaring), then block forward substitution with small fp32 products
+(P9). Storage of intermediates (W, U,
 v_new, chunk states, the inverse) and the operands of the large products use v's dtype when it
 is 16-bit (as fla does), else float32 at Precision.HIGHEST; accumulators and the carried state
 are fp32. Segment boundaries work as in the pure-JAX core (chunk-local segment counters mask the
@@ -86,6 +88,11 @@ class _Cfg:
     dvl_in_state: bool = True  # chunk-local dv inside the reverse state pass
     split_intra: bool = True  # intra as an inverse kernel + whole-chunk W, U kernel
     gates_kernel: bool = True  # gamma/beta by _gates_kernel (where HV allows) instead of XLA
+    save_tinv: bool = True  # keep the forward's (I + A)^-1 for the backward (as fla keeps A)
+    inv_power: bool = False  # diagonal blocks of the inverse by repeated squaring, not rows
+    # fp32 products of the inverse: "ieee" (FMA units) or "tf32x3" (three TF32 tensor-core
+    # passes, about fp32 accuracy); compiled kernels only, interpret mode always runs IEEE
+    inv_dot: str = "ieee"
 
     @property
     def R(self):
@@ -115,18 +122,30 @@ class _Cfg:
     def dtype(self):
         return jnp.dtype(self.store)
 
+    @property
+    def inv_precision(self):
+        if self.inv_dot not in ("ieee", "tf32x3"):
+            raise ValueError(f"inv_dot must be 'ieee' or 'tf32x3', got {self.inv_dot!r}.")
+        if self.inv_dot == "ieee" or self.interpret:
+            return None
+        return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
 
 # --------------------------------------------------------------------------------------------
 # In-kernel helpers (operate on loaded values)
 # --------------------------------------------------------------------------------------------
 
 
-def _mm(a, b, dtype, *, ta=False, tb=False):
+def _mm(a, b, dtype, *, ta=False, tb=False, f32=None):
     """a @ b (optionally transposed operands) with fp32 accumulation.
 
-    Operands are cast to dtype: 16-bit runs on tensor cores, float32 runs at HIGHEST (IEEE).
+    Operands are cast to dtype: 16-bit runs on tensor cores, float32 runs at HIGHEST (IEEE) or
+    at the precision f32 given (a lax precision or dot algorithm preset).
     """
-    prec = jax.lax.Precision.HIGHEST if dtype == _F32 else jax.lax.Precision.DEFAULT
+    if dtype == _F32:
+        prec = jax.lax.Precision.HIGHEST if f32 is None else f32
+    else:
+        prec = jax.lax.Precision.DEFAULT
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
     return jax.lax.dot_general(
         a.astype(dtype), b.astype(dtype), dims, precision=prec, preferred_element_type=_F32
@@ -166,10 +185,27 @@ def _chunk_gates(gamma_C, seg_C):
     return L_CC, gexp_C, kdec_C, passes
 
 
-def _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dtype):
+def _unit_lower_inverse(X_nn, f32=None):
+    """(I - X)^-1 = (I + X)(I + X^2)(I + X^4)... for strictly lower X (nilpotent: X^n = 0).
+
+    log2(n) - 1 squarings and as many products, fp32 at HIGHEST: a short chain of small dots
+    instead of n - 2 dependent row steps, each with two cross-thread reductions.
+    """
+    n = X_nn.shape[0]
+    P_nn, Xp_nn, p = (_iota((n, n), 0) == _iota((n, n), 1)).astype(_F32) + X_nn, X_nn, 1
+    while 2 * p < n:
+        Xp_nn = _mm(Xp_nn, Xp_nn, _F32, f32=f32)
+        P_nn = P_nn + _mm(P_nn, Xp_nn, _F32, f32=f32)
+        p *= 2
+    return P_nn
+
+
+def _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dtype, power=False, f32=None):
     """Sub-blocked A = strict-lower(beta_r (k_r . k_s) L_rs) and its unit-lower inverse.
 
-    kk: dict (i, j) -> k_i k_j^T (i >= j), shared by the value heads of a key head.
+    kk: dict (i, j) -> k_i k_j^T (i >= j), shared by the value heads of a key head. power:
+    diagonal blocks by _unit_lower_inverse instead of row-by-row forward substitution; f32:
+    precision of the inverse's fp32 products (None: IEEE).
     Returns dicts over i >= j of L blocks (the decay mask of A), A blocks and Tinv = (I + A)^-1
     blocks, all fp32.
     """
@@ -200,14 +236,17 @@ def _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dtype):
         return tuple(out)
 
     eye = (rows == cols).astype(_F32)
-    xs = jax.lax.fori_loop(2, n, substitute, negs) if n > 2 else negs
-    Ti = {(i, i): xs[i] + eye for i in range(nb)}
+    if power:
+        Ti = {(i, i): _unit_lower_inverse(negs[i], f32) for i in range(nb)}
+    else:
+        xs = jax.lax.fori_loop(2, n, substitute, negs) if n > 2 else negs
+        Ti = {(i, i): xs[i] + eye for i in range(nb)}
     for i in range(nb):
         for j in range(i - 1, -1, -1):
-            acc = _mm(A[i, j], Ti[j, j], _F32)
+            acc = _mm(A[i, j], Ti[j, j], _F32, f32=f32)
             for m in range(j + 1, i):
-                acc = acc + _mm(A[i, m], Ti[m, j], _F32)
-            Ti[i, j] = -_mm(Ti[i, i], acc, _F32)
+                acc = acc + _mm(A[i, m], Ti[m, j], _F32, f32=f32)
+            Ti[i, j] = -_mm(Ti[i, i], acc, _F32, f32=f32)
     return L, A, Ti
 
 
@@ -275,7 +314,9 @@ def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, c
     for r in range(cfg.R):
         g_blocks = [g_ref[r, blk(i)] for i in range(nb)]
         b_blocks = [b_ref[r, blk(i)] for i in range(nb)]
-        _, _, Ti = _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dt)
+        _, _, Ti = _wy_blocks(
+            k_blocks, g_blocks, b_blocks, s_blocks, kk, dt, cfg.inv_power, cfg.inv_precision
+        )
         if tinv_refs:
             _store_inverse(tinv_refs[0], r, Ti, blk, nb, n)
         vb = [b_blocks[i][:, None] * v_ref[blk(i), r, :].astype(_F32) for i in range(nb)]
@@ -297,7 +338,9 @@ def _solve_kernel(k_ref, g_ref, b_ref, s_ref, tinv_ref, *, cfg):
     for r in range(cfg.R):
         g_blocks = [g_ref[r, blk(i)] for i in range(nb)]
         b_blocks = [b_ref[r, blk(i)] for i in range(nb)]
-        _, _, Ti = _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dt)
+        _, _, Ti = _wy_blocks(
+            k_blocks, g_blocks, b_blocks, s_blocks, kk, dt, cfg.inv_power, cfg.inv_precision
+        )
         _store_inverse(tinv_ref, r, Ti, blk, nb, n)
 
 
@@ -956,31 +999,35 @@ def _bwd_fused(cfg, q, k, v, gamma, beta, seg, w, u, tinv, states, dstates, vn, 
 # --------------------------------------------------------------------------------------------
 
 
-def _forward(cfg, q, k, v, gamma, beta, seg, state0):
-    w, u = _intra(cfg, k, v, gamma, beta, seg)
+def _forward(cfg, q, k, v, gamma, beta, seg, state0, with_tinv=False):
+    w, u, *tinv = _intra(cfg, k, v, gamma, beta, seg, with_tinv=with_tinv)
     states, vn, final = _state_fwd(cfg, w, u, k, gamma, seg, state0)
     o = _output(cfg, q, k, states, vn, gamma, seg, v.dtype)
-    return o, final, states
+    return o, final, states, (tinv[0] if tinv else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _pallas_core(cfg, q, k, v, gamma, beta, seg, state0):
     """(q, k [B,Tp,H,K], v [B,Tp,HV,V], gamma, beta [B,HV,Tp] f32, seg [B,Tp] i32, state0
-    [B,HV,K,V] f32) -> (o [B,Tp,HV,V] in v's dtype, final state f32). Saves the inputs and the
-    chunk-start states [B,HV,N*K,V] for the backward."""
-    o, final, _ = _forward(cfg, q, k, v, gamma, beta, seg, state0)
+    [B,HV,K,V] f32) -> (o [B,Tp,HV,V] in v's dtype, final state f32). Saves the inputs, the
+    chunk-start states [B,HV,N*K,V] and, with cfg.save_tinv, the inverse [B,HV,Tp,C] (both in
+    the storage dtype) for the backward."""
+    o, final, _, _ = _forward(cfg, q, k, v, gamma, beta, seg, state0)
     return o, final
 
 
 def _pallas_core_fwd(cfg, q, k, v, gamma, beta, seg, state0):
-    o, final, states = _forward(cfg, q, k, v, gamma, beta, seg, state0)
-    return (o, final), (q, k, v, gamma, beta, seg, states)
+    o, final, states, tinv = _forward(cfg, q, k, v, gamma, beta, seg, state0, cfg.save_tinv)
+    return (o, final), (q, k, v, gamma, beta, seg, states, tinv)
 
 
 def _pallas_core_bwd(cfg, res, cts):
-    q, k, v, gamma, beta, seg, states = res
+    q, k, v, gamma, beta, seg, states, tinv = res
     do, dfinal = cts
-    w, u, tinv = _intra(cfg, k, v, gamma, beta, seg, with_tinv=True)
+    if tinv is None:
+        w, u, tinv = _intra(cfg, k, v, gamma, beta, seg, with_tinv=True)
+    else:  # only the whole-chunk W, U products are rerun
+        w, u = _wu(cfg, k, v, gamma, beta, seg, tinv)
     if cfg.dvl_in_state:
         vn, dv_local = _vn(cfg, w, u, states), None
     else:
@@ -1039,8 +1086,9 @@ def pallas_gated_delta_rule(
 
     Same arguments and results as `delta_rule.chunk_gated_delta_rule`; Dk and Dv must be powers
     of two >= 16 and chunk_size 16, 32 or 64. Differentiable w.r.t. q, k, v, g, beta and
-    initial_state; the backward reruns the intra-chunk kernel, so the saved activations are the
-    inputs and the chunk-start states, O(T*H*Dk + T*HV*Dv + N*HV*Dk*Dv). tuning: optional dict
+    initial_state; the saved activations are the inputs, the chunk-start states and the
+    chunk-local inverse (I + A)^-1 (as fla saves A; tuning save_tinv=False recomputes it),
+    O(T*H*Dk + T*HV*(Dv + C) + N*HV*Dk*Dv); W, U and v_new are recomputed. tuning: optional dict
     of _Cfg launch fields and kernel options (see _Cfg). Compiled for the GPU (interpret=False)
     the kernels take 16-bit q, k, v only: with float32 operands the backward's tiles exceed
     shared memory (measured on an H200).
