@@ -4,7 +4,9 @@ dropless by default, optionally expert-parallel over a mesh axis).
 Routed experts, single device: flatten the (token, slot) pairs, stable-sort them by expert, lay
 the groups out for the grouped-matmul backend (moe_experts.row_layout), gather rows, run the
 grouped SwiGLU, gather back and combine with the routing weights in fp32. Every permutation is a
-gather with a gather backward (moe_dispatch): no one-hot [slots, experts] tensor anywhere.
+gather with a gather backward (moe_dispatch): no one-hot [slots, experts] tensor anywhere. The
+fused backends (moe_experts.FUSED_BACKENDS) do the gathers and the weighting inside their kernels
+instead of materialising the sorted rows (moe_pallas.fused_routed_swiglu).
 
 Capacity (optional `capacity_factor` cf): each expert keeps C = ceil(cf * T * K / E) slots, T the
 tokens of the routing group (all tokens here; under a mesh, the tokens of one expert-parallel
@@ -112,11 +114,20 @@ def _local(x_TD, weights_TK, idx_TK, wg, wu, wd, backend, capacity):
     rows, start_fn = moe_experts.row_layout(backend, t * k, e, capacity)
     limit_E = None if capacity is None else jnp.full((e,), capacity, jnp.int32)
     pl = place_by_group(idx_TK.reshape(t * k), e, rows, start_fn, limit_E)
-    pos_TK = pl.pos_N.reshape(t, k)
+    y_TD = _route_rows(x_TD, weights_TK, pl.pos_N.reshape(t, k), pl, wg, wu, wd, backend)
+    return y_TD, pl.counts_G, jnp.sum(pl.sizes_G)
+
+
+def _route_rows(x_TD, weights_TK, pos_TK, pl, wg, wu, wd, backend):
+    """y_TD = sum_k weights[t, k] * expert_{slot (t, k)}(x[t]) on placed slots (pos_TK, pl):
+    gather rows, grouped SwiGLU, weighted fp32 combine; one fused op for the fused backends."""
+    if backend in moe_experts.FUSED_BACKENDS:
+        return moe_experts.fused_routed_swiglu(
+            x_TD, weights_TK, pos_TK, pl.src_R, pl.sizes_G, pl.start_G, wg, wu, wd, backend=backend
+        )
     x_RD = dispatch(x_TD, pl.src_R, pos_TK)
     y_RD = moe_experts.grouped_swiglu(x_RD, pl.sizes_G, pl.start_G, wg, wu, wd, backend=backend)
-    y_TD = combine(y_RD, weights_TK, pos_TK, pl.src_R, x_TD.dtype)
-    return y_TD, pl.counts_G, jnp.sum(pl.sizes_G)
+    return combine(y_RD, weights_TK, pos_TK, pl.src_R, x_TD.dtype)
 
 
 def _stats(counts_E, kept, num_slots, sum_axes=None, safe_path=None):
@@ -189,9 +200,7 @@ def _ep_exchange(
     rows, start_fn = moe_experts.row_layout(backend, recv_slots, e_local, capacity)
     grp = place_by_group(lid_recv.reshape(s_ * chunk * k), e_local, rows, start_fn)
     pos_RK = grp.pos_N.reshape(s_ * chunk, k)
-    x_RD = dispatch(x_recv, grp.src_R, pos_RK)
-    y_RD = moe_experts.grouped_swiglu(x_RD, grp.sizes_G, grp.start_G, wg, wu, wd, backend=backend)
-    y_recv = combine(y_RD, w_recv, pos_RK, grp.src_R, x_TD.dtype)
+    y_recv = _route_rows(x_recv, w_recv, pos_RK, grp, wg, wu, wd, backend)
     return gather_sum(a2a(y_recv), send.src_R, pos_TS, x_TD.dtype)
 
 
@@ -286,9 +295,9 @@ def routed_experts(
     x_TD [T, D] bf16/fp32; weights_TK [T, K] float32; idx_TK [T, K] int32 in [0, E);
     w_gate_EDF, w_up_EDF [E, D, F], w_down_EFD [E, F, D] (cast to x's dtype for the matmuls,
     which accumulate in fp32). The combine is fp32, cast to x's dtype.
-    backend: 'auto' | 'ragged_dot' | 'tokamax' | 'pallas' | 'megablox' | 'megablox_interpret' |
-      'padded' | 'dense' (moe_experts). auto = megablox on TPU, pallas on GPU, ragged_dot
-      elsewhere (tokamax only by name: see _resolve_backend).
+    backend: 'auto' | 'ragged_dot' | 'tokamax' | 'pallas' | 'pallas_fused' | 'megablox' |
+      'megablox_interpret' | 'padded' | 'dense' (moe_experts). auto = megablox on TPU, pallas on
+      GPU, ragged_dot elsewhere (tokamax only by name: see _resolve_backend).
     capacity_factor: None = dropless; else per-expert capacity ceil(cf * T_group * K / E).
     mesh: optional; when it shards the experts (expert_axis) or the tokens (token_axes present
       in it), the op runs in shard_map with tokens split over token_axes and experts over

@@ -100,9 +100,10 @@ def _dispatch_fwd(x_TD, src_R, pos_TK):
     return dispatch(x_TD, src_R, pos_TK), (src_R, pos_TK)
 
 
-def _gather_sum(y_RD, pos_TK, weights_TK=None):
-    """sum_k [weights[t, k] *] y[pos[t, k]] in fp32, [T, D]. K separate row gathers feeding one
-    elementwise sum, which XLA fuses into a single pass: no [T, K, D] intermediate."""
+def sum_slot_rows(y_RD, pos_TK, weights_TK=None):
+    """sum_k [weights[t, k] *] y[pos[t, k]] in fp32, [T, D] (rows pos == R add 0). K separate row
+    gathers feeding one elementwise sum, which XLA fuses into a single pass: no [T, K, D]
+    intermediate."""
     acc = None
     for k in range(pos_TK.shape[1]):
         term = _take_rows(y_RD, pos_TK[:, k]).astype(jnp.float32)
@@ -115,7 +116,7 @@ def _gather_sum(y_RD, pos_TK, weights_TK=None):
 def _dispatch_bwd(res, g_RD):
     src_R, pos_TK = res
     # Each token was copied to K rows: sum those K cotangents in fp32.
-    return _gather_sum(g_RD, pos_TK).astype(g_RD.dtype), None, None
+    return sum_slot_rows(g_RD, pos_TK).astype(g_RD.dtype), None, None
 
 
 dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -125,7 +126,7 @@ dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 def gather_sum(y_RD: jax.Array, src_R: jax.Array, pos_TK: jax.Array, out_dtype) -> jax.Array:
     """out[t] = sum_k y[pos[t, k]] in fp32 (absent rows add 0); [T, D] out_dtype. The transpose
     of `dispatch`: it sums rows that one token was copied to."""
-    return _gather_sum(y_RD, pos_TK).astype(out_dtype)
+    return sum_slot_rows(y_RD, pos_TK).astype(out_dtype)
 
 
 def _gather_sum_fwd(y_RD, src_R, pos_TK, out_dtype):
@@ -146,7 +147,7 @@ def combine(
     y_RD: jax.Array, weights_TK: jax.Array, pos_TK: jax.Array, src_R: jax.Array, out_dtype
 ) -> jax.Array:
     """out[t] = sum_k weights[t, k] * y[pos[t, k]] in fp32 (absent rows add 0); [T, D] out_dtype."""
-    return _gather_sum(y_RD, pos_TK, weights_TK).astype(out_dtype)
+    return sum_slot_rows(y_RD, pos_TK, weights_TK).astype(out_dtype)
 
 
 def _combine_fwd(y_RD, weights_TK, pos_TK, src_R, out_dtype):

@@ -10,6 +10,7 @@ Rows outside every group may hold anything: callers never read them.
 | tokamax    | same                                     | N                              |
 | padded     | group g owns rows [g*C, (g+1)*C)         | G*C (C = capacity, N dropless) |
 | pallas     | each group starts on a tile boundary     | round_up(N + G*(tile-1), tile) |
+| pallas_fused | same as pallas                         | same as pallas                 |
 | megablox   | groups back to back from row 0           | round_up(N, 128 or 512)        |
 | dense      | groups back to back; every expert on every row, masked (reference) | N   |
 
@@ -19,6 +20,9 @@ GPU path: per-group padding to the kernel's row tile costs at most G*(tile-1) ro
 `megablox` is the dropless TPU path (Pallas TPU grouped matmul, `jax.experimental.pallas.ops.
 tpu.megablox.gmm`, whose custom VJP computes weight gradients with `tgmm`): groups may start
 mid-tile (the kernel masks), only the row count is padded to its row tile.
+`pallas_fused` is the same kernels with the token gathers and the weighted combine fused into them
+(`moe_pallas.fused_routed_swiglu`): `moe.routed_experts` calls it instead of dispatch +
+grouped_swiglu + combine; `grouped_swiglu` on an explicit row buffer runs plain pallas.
 `megablox_interpret` runs the same kernels in Pallas interpret mode on any platform (tests).
 """
 
@@ -29,7 +33,17 @@ from qwen3next_jax import sharding
 from qwen3next_jax.ops import moe_pallas
 from qwen3next_jax.ops.moe_dispatch import exclusive_cumsum, round_up
 
-BACKENDS = ("ragged_dot", "tokamax", "padded", "pallas", "megablox", "megablox_interpret", "dense")
+BACKENDS = (
+    "ragged_dot",
+    "tokamax",
+    "padded",
+    "pallas",
+    "pallas_fused",
+    "megablox",
+    "megablox_interpret",
+    "dense",
+)
+FUSED_BACKENDS = ("pallas_fused",)  # route x_TD -> y_TD in one op (fused_routed_swiglu)
 
 MEGABLOX_MAX_TILE = 512  # rows / columns per megablox tile where the sizes allow
 
@@ -50,7 +64,7 @@ def row_layout(backend: str, num_entries: int, num_groups: int, capacity: int | 
     if backend == "padded":
         c = num_entries if capacity is None else min(capacity, num_entries)
         return num_groups * c, lambda sizes_G: jnp.arange(num_groups, dtype=jnp.int32) * c
-    if backend == "pallas":
+    if backend in ("pallas", "pallas_fused"):
         tile = moe_pallas.TILE_M
         rows = round_up(num_entries + num_groups * (tile - 1), tile)
         return rows, lambda sizes_G: exclusive_cumsum(round_up(sizes_G, tile))
@@ -170,10 +184,25 @@ def grouped_swiglu(
         return _ragged(x_RD, sizes_G, wg, wu, wd, _tokamax_ragged_dot)
     if backend == "padded":
         return _padded(x_RD, wg, wu, wd)
-    if backend == "pallas":
+    if backend in ("pallas", "pallas_fused"):
         return moe_pallas.tiled_swiglu(x_RD, sizes_G, start_G, wg, wu, wd)
     if backend in ("megablox", "megablox_interpret"):
         return _megablox(x_RD, sizes_G, wg, wu, wd, interpret=backend == "megablox_interpret")
     if backend == "dense":
         return _dense(x_RD, sizes_G, start_G, wg, wu, wd)
     raise ValueError(f"unknown MoE backend {backend!r}; expected one of {BACKENDS} or 'auto'")
+
+
+def fused_routed_swiglu(
+    x_TD, weights_TK, pos_TK, src_R, sizes_G, start_G, w_gate_GDF, w_up_GDF, w_down_GFD, *, backend
+):
+    """sum_k weights[t, k] * SwiGLU_{group of slot (t, k)}(x[t]) for a backend in FUSED_BACKENDS:
+    gather, grouped SwiGLU and weighted combine in one op. pos_TK / src_R place the T*K slots as
+    `row_layout(backend, ...)` lays them out. Weights cast to x's dtype; returns [T, D] x dtype."""
+    if backend != "pallas_fused":
+        raise ValueError(f"MoE backend {backend!r} has no fused routed path")
+    dt = x_TD.dtype
+    wg, wu, wd = (w.astype(dt) for w in (w_gate_GDF, w_up_GDF, w_down_GFD))
+    return moe_pallas.fused_routed_swiglu(
+        x_TD, weights_TK, pos_TK, src_R, sizes_G, start_G, wg, wu, wd
+    )

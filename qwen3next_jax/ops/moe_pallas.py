@@ -12,6 +12,17 @@ Five kernels, all fp32-accumulating, none materialising per-tile weight copies:
             dWd[e]  = h_e^T dy_e;  dWg[e], dWu[e] = x_e^T dg_e, x_e^T du_e   (per-expert loops)
 Padding rows hold x = 0 and dy = 0 (the dispatch fills them so), hence contribute nothing to dW.
 On a non-GPU platform the kernels run in Pallas interpret mode (tests).
+
+Fused variant (`fused_routed_swiglu`, backend "pallas_fused"): the same layout and kernels, but no
+[R, D] row buffer exists in either direction. The gate-up kernel and the dW_gate/dW_up kernel read
+row r as x[tok[r]] from the token-major x (a row gather by pointer arithmetic, `x_ref[tok, cols]`);
+the gate-up epilogue multiplies by the routing weight, h = w * swiglu, so the output is a plain
+K-row sum; the down backward and dW_down kernels read the output cotangent as gy[tok[r]] (the
+combine's transpose) and the down backward also yields dL/dw = <gy[tok] @ Wd^T, swiglu>. Empty
+rows read token 0 with weight 0, so h = 0 and dh = 0 there: they add nothing to any gradient.
+Per 32K tokens (R ~ 360K rows, D = 2048, bf16) this drops the sorted copy of x (write + read
+~2.9 GB), the combine backward's two [R, D] reads and one write (~4.7 GB) and both [R, D]
+residuals (x rows and y rows, 3.2 GB of memory).
 """
 
 import functools
@@ -21,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from qwen3next_jax import sharding
-from qwen3next_jax.ops.moe_dispatch import round_up
+from qwen3next_jax.ops.moe_dispatch import round_up, sum_slot_rows
 
 TILE_M = 128  # rows per tile; the layout pads each group to this
 BLOCK_N = 128  # output columns per program
@@ -178,10 +189,13 @@ def _dx_kernel(tg_ref, dg_ref, du_ref, wg_ref, wu_ref, dx_ref, *, bk):
         dx_ref[...] = jnp.zeros((bm, bn), dx_ref.dtype)
 
 
-def _tgmm_kernel(lo_ref, hi_ref, a_ref, *refs, bm):
-    """out_i[e] = sum over the row tiles of group e of a_rows^T @ b_i_rows (one or two b's)."""
-    n_b = len(refs) // 2
-    b_refs, o_refs = refs[:n_b], refs[n_b:]
+def _tgmm_kernel(lo_ref, hi_ref, *refs, bm, n_b, gather):
+    """out_i[e] = sum over the row tiles of group e of a_rows^T @ b_i_rows (one or two b's).
+    gather = (a, b) flags: a flagged operand is token-major and row r reads its row tok[r]
+    (refs[0] = tok_R then)."""
+    if any(gather):
+        tok_ref, refs = refs[0], refs[1:]
+    a_ref, b_refs, o_refs = refs[0], refs[1 : 1 + n_b], refs[1 + n_b :]
     ib, ia, e = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     ba, bb = o_refs[0].shape
     acols = pl.ds(pl.multiple_of(ia * ba, ba), ba)
@@ -189,9 +203,10 @@ def _tgmm_kernel(lo_ref, hi_ref, a_ref, *refs, bm):
 
     def body(t, accs):
         rows = pl.ds(pl.multiple_of(t * bm, bm), bm)
-        a = a_ref[rows, acols]
+        tok = tok_ref[rows] if any(gather) else None
+        a = a_ref[tok if gather[0] else rows, acols]
         return tuple(
-            acc + _mm(a, b_ref[rows, bcols], contract=(0, 0))
+            acc + _mm(a, b_ref[tok if gather[1] else rows, bcols], contract=(0, 0))
             for acc, b_ref in zip(accs, b_refs, strict=True)
         )
 
@@ -200,6 +215,73 @@ def _tgmm_kernel(lo_ref, hi_ref, a_ref, *refs, bm):
     accs = jax.lax.fori_loop(lo_ref[e] * steps, hi_ref[e] * steps, body, (z,) * n_b)
     for o_ref, acc in zip(o_refs, accs, strict=True):
         o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _gateup_gather_kernel(tg_ref, tok_ref, w_ref, x_ref, wg_ref, wu_ref, *out_refs, bk):
+    """_gateup_kernel reading row r as x[tok[r]] from the token-major x (no sorted copy) and
+    writing h = w[r] * swiglu (the routing weight folded in, so the combine is a plain row sum).
+    out_refs = (h,) or (h, g, u) when the backward's residuals are wanted."""
+    j, i = pl.program_id(0), pl.program_id(1)
+    e = tg_ref[i]
+    bm, bn = out_refs[0].shape
+    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+    @pl.when(e >= 0)
+    def _():
+        tok = tok_ref[...]
+
+        def body(k, acc):
+            ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+            xk = x_ref[tok, ks]  # row gather: pointer arithmetic on tok, no copy of x
+            return acc[0] + _mm(xk, wg_ref[e, ks, cols]), acc[1] + _mm(xk, wu_ref[e, ks, cols])
+
+        z = jnp.zeros((bm, bn), jnp.float32)
+        acc_g, acc_u = jax.lax.fori_loop(0, x_ref.shape[1] // bk, body, (z, z))
+        w = w_ref[...][:, None]
+        out_refs[0][...] = (w * acc_g * _sigmoid(acc_g) * acc_u).astype(out_refs[0].dtype)
+        if len(out_refs) == 3:
+            out_refs[1][...] = acc_g.astype(out_refs[1].dtype)
+            out_refs[2][...] = acc_u.astype(out_refs[2].dtype)
+
+    @pl.when(e < 0)
+    def _():
+        for o_ref in out_refs:
+            o_ref[...] = jnp.zeros((bm, bn), o_ref.dtype)
+
+
+def _down_bwd_gather_kernel(
+    tg_ref, tok_ref, w_ref, gy_ref, wd_ref, g_ref, u_ref, dg_ref, du_ref, gw_ref, *, bk
+):
+    """Backward of h = w * swiglu(g, u) and y = h @ Wd, with y's cotangent read as gy[tok[r]]
+    from the token-major output cotangent (the combine's transpose, fused). dL/dw[r] =
+    <gy[tok[r]] @ Wd^T, swiglu(g, u)>; each column block writes its share to gw[j, rows]."""
+    j, i = pl.program_id(0), pl.program_id(1)
+    e = tg_ref[i]
+    bm, bn = dg_ref.shape
+    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+    @pl.when(e >= 0)
+    def _():
+        tok = tok_ref[...]
+
+        def body(k, acc):
+            ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+            return acc + _mm(gy_ref[tok, ks], wd_ref[e, cols, ks], contract=(1, 1))
+
+        dwh = jax.lax.fori_loop(0, gy_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
+        g = g_ref[...].astype(jnp.float32)
+        u = u_ref[...].astype(jnp.float32)
+        s = _sigmoid(g)
+        gw_ref[...] = jnp.sum(dwh * (g * s * u), axis=1)
+        dh = w_ref[...][:, None] * dwh
+        du_ref[...] = (dh * g * s).astype(du_ref.dtype)
+        dg_ref[...] = (dh * u * s * (1.0 + g * (1.0 - s))).astype(dg_ref.dtype)
+
+    @pl.when(e < 0)
+    def _():
+        z = jnp.zeros((bm, bn), dg_ref.dtype)
+        dg_ref[...], du_ref[...] = z, z
+        gw_ref[...] = jnp.zeros((bm,), gw_ref.dtype)
 
 
 def _tile_maps(sizes_G, start_G, num_rows):
@@ -279,8 +361,9 @@ def _dx(tg, dg_RF, du_RF, wg, wu):
     )(tg, dg_RF, du_RF, wg, wu)
 
 
-def _tgmm(lo_G, hi_G, a_RA, bs, out_dtype):
-    """[G, A, B] per-group a^T b for each b in bs, over each group's row tiles."""
+def _tgmm(lo_G, hi_G, a_RA, bs, out_dtype, tok_R=None, gather=(False, False)):
+    """[G, A, B] per-group a^T b for each b in bs, over each group's row tiles. An operand flagged
+    in `gather` is token-major ([T, A] / [T, B]) and row r reads its row tok_R[r]."""
     g = lo_G.shape[0]
     a = a_RA.shape[1]
     b = bs[0].shape[1]
@@ -289,14 +372,52 @@ def _tgmm(lo_G, hi_G, a_RA, bs, out_dtype):
     rows = min(TGMM_ROWS, TILE_M)
     if TILE_M % rows:
         raise ValueError(f"TGMM_ROWS={TGMM_ROWS} must divide TILE_M={TILE_M}")
+    toks = [tok_R] if any(gather) else []
     return _call(
-        functools.partial(_tgmm_kernel, bm=rows),
+        functools.partial(_tgmm_kernel, bm=rows, n_b=len(bs), gather=tuple(gather)),
         (b // bb, a // ba, g),
-        [_full(lo_G.shape), _full(hi_G.shape), _full(a_RA.shape)] + [_full(x.shape) for x in bs],
+        [_full(lo_G.shape), _full(hi_G.shape)] + [_full(x.shape) for x in (*toks, a_RA, *bs)],
         [out_spec] * len(bs),
         [jax.ShapeDtypeStruct((g, a, b), out_dtype)] * len(bs),
         rows * (ba + len(bs) * bb) * a_RA.dtype.itemsize,
-    )(lo_G, hi_G, a_RA, *bs)
+    )(lo_G, hi_G, *toks, a_RA, *bs)
+
+
+def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals):
+    """(h,) or (h, g, u), each [R, F] in x's dtype; R = tok_R's length."""
+    r, d = tok_R.shape[0], x_TD.shape[1]
+    f = wg.shape[2]
+    bm, bn, bk = TILE_M, _block(f, BLOCK_N), _block(d, BLOCK_K)
+    out = jax.ShapeDtypeStruct((r, f), x_TD.dtype)
+    tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
+    row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
+    n_out = 3 if residuals else 1
+    return _call(
+        functools.partial(_gateup_gather_kernel, bk=bk),
+        (f // bn, r // bm),
+        [_full(tg.shape), row_vec, row_vec, _full(x_TD.shape), _full(wg.shape), _full(wu.shape)],
+        [tile] * n_out,
+        [out] * n_out,
+        (bm * bk + 2 * bk * bn) * x_TD.dtype.itemsize,
+    )(tg, tok_R, w_R, x_TD, wg, wu)
+
+
+def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF):
+    """dg, du [R, F] in g's dtype; gw [F / BLOCK_N, R] fp32, each column block's share of dL/dw."""
+    r, f = g_RF.shape
+    d = gy_TD.shape[1]
+    bm, bn, bk = TILE_M, _block(f, BLOCK_N), _block(d, BLOCK_K)
+    tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
+    row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
+    out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
+    return _call(
+        functools.partial(_down_bwd_gather_kernel, bk=bk),
+        (f // bn, r // bm),
+        [_full(tg.shape), row_vec, row_vec, _full(gy_TD.shape), _full(wd.shape), tile, tile],
+        [tile, tile, pl.BlockSpec((None, bm), lambda j, i: (j, i))],
+        [out, out, jax.ShapeDtypeStruct((f // bn, r), jnp.float32)],
+        (bm * bk + bk * bn) * gy_TD.dtype.itemsize,
+    )(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF)
 
 
 @jax.custom_vjp
@@ -330,3 +451,79 @@ def tiled_swiglu(x_RD, sizes_G, start_G, w_gate_GDF, w_up_GDF, w_down_GFD):
         raise ValueError(f"rows {x_RD.shape[0]} not a multiple of TILE_M={TILE_M}")
     tg, lo_G, hi_G = _tile_maps(sizes_G, start_G, x_RD.shape[0])
     return _swiglu_tiles(tg, lo_G, hi_G, x_RD, w_gate_GDF, w_up_GDF, w_down_GFD)
+
+
+def _take(x, idx):
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _row_maps(pos_TK, src_R, weights_TK):
+    """tok_R int32 (the token row r reads; 0 for empty rows) and w_R fp32 (its routing weight; 0
+    for empty rows, which therefore add nothing anywhere: h = 0, dh = 0)."""
+    t, k = pos_TK.shape
+    tok_R = jnp.where(src_R < t * k, src_R // k, 0).astype(jnp.int32)
+    return tok_R, _take(weights_TK.reshape(t * k).astype(jnp.float32), src_R)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _fused(tg, lo_G, hi_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
+    tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
+    (h,) = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=False)
+    return sum_slot_rows(_down(tg, h, wd), pos_TK).astype(out_dtype)
+
+
+def _fused_fwd(tg, lo_G, hi_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
+    tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
+    h, g, u = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=True)
+    y_TD = sum_slot_rows(_down(tg, h, wd), pos_TK).astype(out_dtype)
+    return y_TD, (tg, lo_G, hi_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u)
+
+
+def _fused_bwd(out_dtype, res, gy_TD):
+    tg, lo_G, hi_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u = res
+    gy_TD = gy_TD.astype(x_TD.dtype)
+    dg, du, gw_JR = _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g, u)
+    # dx: per-row products, then each token sums its K rows (the dispatch's transpose).
+    dx_TD = sum_slot_rows(_dx(tg, dg, du, wg, wu), pos_TK).astype(x_TD.dtype)
+    (dwd,) = _tgmm(lo_G, hi_G, h, [gy_TD], wd.dtype, tok_R=tok_R, gather=(False, True))
+    dwg, dwu = _tgmm(lo_G, hi_G, x_TD, [dg, du], wg.dtype, tok_R=tok_R, gather=(True, False))
+    gw_TK = _take(jnp.sum(gw_JR, axis=0), pos_TK).astype(weights_TK.dtype)
+    return None, None, None, None, None, dx_TD, gw_TK, dwg, dwu, dwd
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def fused_routed_swiglu(
+    x_TD, weights_TK, pos_TK, src_R, sizes_G, start_G, w_gate_GDF, w_up_GDF, w_down_GFD
+):
+    """y[t] = sum_k weights[t, k] * SwiGLU_{group of slot (t, k)}(x[t]), without materialising the
+    expert-sorted copy of x or of the output rows, forward or backward.
+
+    x_TD [T, D] bf16/fp32; weights_TK [T, K] (fp32); pos_TK int32 [T, K] / src_R int32 [R] the
+    placement of the T*K slots on the TILE_M-aligned layout (`moe_experts.row_layout('pallas')`,
+    entry n = t*K + k; pos = R / src = T*K mean "not placed"), sizes_G, start_G int32 [G]; weights
+    [G, D, F] / [G, F, D] in x's dtype. The K-way sum is fp32; returns [T, D] in x's dtype.
+
+    Rows read x[src // K] through the row map inside the gate-up kernel and the dW_gate / dW_up
+    kernel; the routing weight is applied in the gate-up epilogue (h = w * swiglu), so the output
+    is a plain K-row sum and the backward reads the output cotangent by token inside the down
+    backward kernel (which also yields dL/dw) and the dW_down kernel.
+    """
+    r = src_R.shape[0]
+    if r % TILE_M:
+        raise ValueError(f"rows {r} not a multiple of TILE_M={TILE_M}")
+    tg, lo_G, hi_G = _tile_maps(sizes_G, start_G, r)
+    return _fused(
+        tg,
+        lo_G,
+        hi_G,
+        pos_TK,
+        src_R,
+        x_TD,
+        weights_TK,
+        w_gate_GDF,
+        w_up_GDF,
+        w_down_GFD,
+        x_TD.dtype,
+    )
