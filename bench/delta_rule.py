@@ -239,6 +239,41 @@ def bench_fla(B, T):
     return dict(fwd=fwd, fwdbwd=fwdbwd), o.float().cpu().numpy(), grads
 
 
+def profile_fla(B, T, reps=5):
+    """fla's forward+backward kernel by kernel (torch profiler, CUDA time per call, ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch, fla_fn = fla_setup()
+    q, k, v, g, beta, do = make_inputs(B, T)
+    bf = lambda x: torch.from_numpy(x).to("cuda").to(torch.bfloat16)
+    tq, tk, tv, tbeta, tdo = bf(q), bf(k), bf(v), bf(beta), bf(do)
+    tg = torch.from_numpy(g).cuda()
+    leaves = [x.clone().requires_grad_(True) for x in (tq, tk, tv, tg, tbeta)]
+
+    def fb():
+        for x in leaves:
+            x.grad = None
+        fla_fn(*leaves)[0].backward(tdo)
+
+    fb()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fb()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / 1e3 / reps, e.count // reps, e.key))
+    rows.sort(reverse=True)
+    log(f"fla fwd+bwd kernels at {B}x{T} (ms per call, launches per call):")
+    for ms, n, name in rows[:20]:
+        log(f"   {ms:8.3f} ms  x{n}  {name[:90]}")
+    log(f"   total {sum(r[0] for r in rows):.3f} ms")
+    return rows
+
+
 # Launch variants timed kernel by kernel (--kvariants): (tuning, kernels it changes).
 KVARIANTS = [
     (dict(bv_seq=64), ("fwd state pass", "bwd state pass")),
@@ -259,31 +294,18 @@ KVARIANTS = [
 # so far; the first candidate of each group is the current config. The "pallas_tuned" rows
 # then run with the result.
 TUNE_GROUPS = [
+    # Session 4, run A (RESULTS.md) tried inv_power, inv_dot="tf32x3", stages_seq=4,
+    # warps_seq=8, bv_seq=64, fuse_bwd and warps_par=8 here; inv_power won (now the default).
     (
         ("fwd intra (W,U)", "bwd intra (W,U[,Tinv])"),
-        [
-            {},
-            dict(inv_power=True),
-            dict(inv_power=True, inv_dot="tf32x3"),
-            dict(inv_dot="tf32x3"),
-            dict(inv_power=True, inv_dot="tf32x3", warps_intra=8),
-        ],
-    ),
-    (
-        ("fwd state pass", "bwd state pass"),
-        [{}, dict(stages_seq=4), dict(warps_seq=8), dict(bv_seq=64, warps_seq=8)],
+        [{}, dict(solve_hv=True), dict(warps_intra=2), dict(solve_hv=True, warps_intra=2)],
     ),
     (
         ("bwd dq/dk (read-out)", "bwd WY (dk,dv,dbeta,dg)"),
-        [
-            {},
-            (dict(fuse_bwd=True), ("bwd dq/dk + WY fused",)),
-            (dict(fuse_bwd=True, warps_fused=8), ("bwd dq/dk + WY fused",)),
-        ],
+        [{}, dict(partials="bfloat16")],
     ),
-    (("fwd output", "bwd dv_local (+v_new)"), [{}, dict(warps_par=8)]),
 ]
-PREV = dict(save_tinv=False)
+PREV = dict(save_tinv=False, inv_power=False)
 TUNED = {}
 
 
@@ -359,7 +381,7 @@ def breakdown(B, T, tuning=None, reps=20, only=None):
         intra_bwd = jax.jit(lambda *a: drp._wu(cfg, *a, tinv))
     else:
         intra_bwd = jax.jit(lambda *a: drp._intra(cfg, *a, with_tinv=True))
-    gsum = lambda x: x.reshape(*x.shape[:2], H, HV // H, x.shape[-1]).sum(3)
+    gsum = lambda x: x.reshape(*x.shape[:2], H, HV // H, x.shape[-1]).sum(3, dtype=jnp.float32)
 
     def dqk(*a):
         dq, dk, dg = drp._dqk(cfg, *a)
@@ -438,6 +460,7 @@ def main():
     p.add_argument("--opt-shapes", default="1x32768,8x4096", help="shapes of pallas_opt rows")
     p.add_argument("--kvariants", default="", help="BxT: time KVARIANTS kernel by kernel")
     p.add_argument("--autotune", default="", help="BxT: choose TUNE_GROUPS, then pallas_tuned")
+    p.add_argument("--fla-profile", default="", help="BxT: fla's kernels, torch profiler")
     p.add_argument("--tuning", default="", help="JSON dict of _Cfg options for pallas_tuned")
     p.add_argument("--budget", type=float, default=380.0)
     p.add_argument("--reps", type=int, default=20)
@@ -525,6 +548,9 @@ def main():
         run_impl(impl)
     if args.check and not args.autotune:
         guarded("check", check)
+    if args.fla_profile:
+        B, T = (int(x) for x in args.fla_profile.split("x"))
+        guarded(f"fla profile {args.fla_profile}", profile_fla, B, T)
     bd = {}
     for s in [s for s in args.breakdown.split(",") if s]:
         B, T = (int(x) for x in s.split("x"))

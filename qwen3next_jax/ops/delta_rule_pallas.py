@@ -30,9 +30,9 @@ backward  _wu_kernel again, from the saved inverse (the inputs, chunk-start stat
 
 Key heads: kernels on a value-head grid read key head j // R through their index maps; kernels
 on a key-head grid loop over the R value heads of the group, so q/k are never repeated. The
-triangular inverse is done on 16-row sub-blocks: forward substitution inside each diagonal block
-(inv_power=True: repeated squaring), then block forward substitution with small fp32 products
-(P9). Storage of intermediates (W, U,
+triangular inverse is done on 16-row sub-blocks: repeated squaring inside each diagonal block
+(inv_power=False: row-by-row forward substitution), then block forward substitution with small
+fp32 products (P9). Storage of intermediates (W, U,
 v_new, chunk states, the inverse) and the operands of the large products use v's dtype when it
 is 16-bit (as fla does), else float32 at Precision.HIGHEST; accumulators and the carried state
 are fp32. Segment boundaries work as in the pure-JAX core (chunk-local segment counters mask the
@@ -89,10 +89,13 @@ class _Cfg:
     split_intra: bool = True  # intra as an inverse kernel + whole-chunk W, U kernel
     gates_kernel: bool = True  # gamma/beta by _gates_kernel (where HV allows) instead of XLA
     save_tinv: bool = True  # keep the forward's (I + A)^-1 for the backward (as fla keeps A)
-    inv_power: bool = False  # diagonal blocks of the inverse by repeated squaring, not rows
+    inv_power: bool = True  # diagonal blocks of the inverse by repeated squaring, not rows
     # fp32 products of the inverse: "ieee" (FMA units) or "tf32x3" (three TF32 tensor-core
     # passes, about fp32 accuracy); compiled kernels only, interpret mode always runs IEEE
     inv_dot: str = "ieee"
+    solve_hv: bool = False  # inverse kernel on a value-head grid (k k^T computed per value head)
+    # dtype of the per-value-head dq, dk partials of the value-head grids, summed by XLA
+    partials: str = "float32"
 
     @property
     def R(self):
@@ -121,6 +124,10 @@ class _Cfg:
     @property
     def dtype(self):
         return jnp.dtype(self.store)
+
+    @property
+    def partial_dtype(self):
+        return jnp.dtype(self.partials)
 
     @property
     def inv_precision(self):
@@ -296,11 +303,13 @@ def _key_head_blocks(k_ref, s_ref, cfg):
 
 
 def _store_inverse(tinv_ref, r, Ti, blk, nb, n):
-    """Writes value head r's (I + A)^-1 from its lower sub-blocks Ti; upper blocks zero."""
+    """Writes value head r's (I + A)^-1 (r None: the ref's only one) from its lower
+    sub-blocks Ti; upper blocks zero."""
     for i in range(nb):
         for j in range(nb):
             blk_ij = Ti[i, j] if j <= i else jnp.zeros((n, n), _F32)
-            tinv_ref[r, blk(i), blk(j)] = blk_ij.astype(tinv_ref.dtype)
+            idx = (blk(i), blk(j)) if r is None else (r, blk(i), blk(j))
+            tinv_ref[idx] = blk_ij.astype(tinv_ref.dtype)
 
 
 def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, cfg):
@@ -333,11 +342,14 @@ def _intra_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, w_ref, u_ref, *tinv_refs, c
 
 
 def _solve_kernel(k_ref, g_ref, b_ref, s_ref, tinv_ref, *, cfg):
-    """One chunk of one key head: (I + A)^-1 of its R value heads ([R,C,C], upper blocks 0)."""
+    """One chunk of one key head: (I + A)^-1 of its R value heads ([R,C,C], upper blocks 0).
+
+    With cfg.solve_hv, one value head (refs g, b [C], tinv [C,C]; k of its key head)."""
     n, nb, dt, blk, k_blocks, s_blocks, kk = _key_head_blocks(k_ref, s_ref, cfg)
-    for r in range(cfg.R):
-        g_blocks = [g_ref[r, blk(i)] for i in range(nb)]
-        b_blocks = [b_ref[r, blk(i)] for i in range(nb)]
+    for r in [None] if cfg.solve_hv else range(cfg.R):
+        at = (lambda i: blk(i)) if r is None else (lambda i, r=r: (r, blk(i)))  # noqa: E731
+        g_blocks = [g_ref[at(i)] for i in range(nb)]
+        b_blocks = [b_ref[at(i)] for i in range(nb)]
         _, _, Ti = _wy_blocks(
             k_blocks, g_blocks, b_blocks, s_blocks, kk, dt, cfg.inv_power, cfg.inv_precision
         )
@@ -479,8 +491,8 @@ def _dqk_kernel(
             + jnp.where(at_last, d_last, 0.0)
         )
         dg_ref[r, :] = dg_C
-    dq_ref[...] = dq_CK
-    dk_ref[...] = dk_CK
+    dq_ref[...] = dq_CK.astype(dq_ref.dtype)
+    dk_ref[...] = dk_CK.astype(dk_ref.dtype)
 
 
 def _wy_bwd_kernel(
@@ -536,10 +548,10 @@ def _wy_bwd_kernel(
         kg_sum = gexp_C * jnp.sum(dkbg_CK * k32, axis=1)  # sum(dkbg * e^gamma k)
         dk_CK = dk_CK + (b_C * gexp_C)[:, None] * dkbg_CK
         v32 = v_ref[:, r, :].astype(_F32)
-        dv_ref[:, r, :] = b_C[:, None] * dvb_CV
+        dv_ref[:, r, :] = (b_C[:, None] * dvb_CV).astype(dv_ref.dtype)
         db_ref[r, :] = jnp.sum(dAkkL_CC, axis=1) + jnp.sum(dvb_CV * v32, axis=1) + kg_sum
         dg_ref[r, :] = jnp.sum(P_CC, axis=1) - jnp.sum(P_CC, axis=0) + b_C * kg_sum
-    dk_ref[...] = dk_CK
+    dk_ref[...] = dk_CK.astype(dk_ref.dtype)
 
 
 def _bwd_fused_kernel(
@@ -612,11 +624,11 @@ def _bwd_fused_kernel(
         + (b_C * gexp_C)[:, None] * dkbg_CK
     )
     v32 = v_ref[:, 0, :].astype(_F32)
-    dv_ref[:, 0, :] = b_C[:, None] * dvb_CV
+    dv_ref[:, 0, :] = (b_C[:, None] * dvb_CV).astype(dv_ref.dtype)
     db_ref[0, :] = jnp.sum(dAkkL_CC, axis=1) + jnp.sum(dvb_CV * v32, axis=1) + kg_sum
     dg_ref[0, :] = dg_C + jnp.sum(P_CC, axis=1) - jnp.sum(P_CC, axis=0) + b_C * kg_sum
-    dq_ref[...] = dq_CK
-    dk_ref[...] = dk_CK
+    dq_ref[...] = dq_CK.astype(dq_ref.dtype)
+    dk_ref[...] = dk_CK.astype(dk_ref.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,18 +693,20 @@ _gates.defvjp(_gates_fwd, _gates_bwd)
 def _solve(cfg, k, gamma, beta, seg):
     B, Tp, HV, K, C, R = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.C, cfg.R
     spec = pl.BlockSpec
-    rc_spec = spec((None, R, C), lambda b, h, n: (b, h, n))
+    # key-head grid (R value heads a program) or, solve_hv, value-head grid
+    nr, kh = (None, lambda j: j // R) if cfg.solve_hv else (R, lambda h: h)
+    rc_spec = spec((None, nr, C), lambda b, h, n: (b, h, n))
     return _call(
         _solve_kernel,
         cfg,
-        (B, cfg.H, cfg.N),
+        (B, HV if cfg.solve_hv else cfg.H, cfg.N),
         [
-            spec((None, C, None, K), lambda b, h, n: (b, n, h, 0)),
+            spec((None, C, None, K), lambda b, h, n: (b, n, kh(h), 0)),
             rc_spec,
             rc_spec,
             spec((None, C), lambda b, h, n: (b, n)),
         ],
-        spec((None, R, C, C), lambda b, h, n: (b, h, n, 0)),
+        spec((None, nr, C, C), lambda b, h, n: (b, h, n, 0)),
         _sds((B, HV, Tp, C), cfg.dtype),
         num_warps=cfg.warps_intra,
     )(k, gamma, beta, seg)
@@ -908,6 +922,7 @@ def _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do):
     B, Tp, H, HV, K, V = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V
     sp = _group_specs(cfg, cfg.dqk_hv)
     nh = HV if cfg.dqk_hv else H
+    pdt = cfg.partial_dtype if cfg.dqk_hv else _F32
     return _call(
         _dqk_kernel,
         cfg,
@@ -923,7 +938,7 @@ def _dqk(cfg, q, k, gamma, seg, states, dstates, vn, do):
             sp["crv"](V),
         ],
         [sp["out_qk"](K), sp["out_qk"](K), sp["rc"]],
-        [_sds((B, Tp, nh, K), _F32), _sds((B, Tp, nh, K), _F32), _sds((B, HV, Tp), _F32)],
+        [_sds((B, Tp, nh, K), pdt), _sds((B, Tp, nh, K), pdt), _sds((B, HV, Tp), _F32)],
         num_warps=cfg.warps_group,
     )(q, k, gamma, seg, states, dstates, vn, do)
 
@@ -932,6 +947,7 @@ def _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn):
     B, Tp, H, HV, K, V, C = cfg.B, cfg.Tp, cfg.H, cfg.HV, cfg.K, cfg.V, cfg.C
     sp = _group_specs(cfg, cfg.wy_hv)
     nh = HV if cfg.wy_hv else H
+    pdt = cfg.partial_dtype if cfg.wy_hv else _F32
     return _call(
         _wy_bwd_kernel,
         cfg,
@@ -950,8 +966,8 @@ def _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn):
         ],
         [sp["out_qk"](K), sp["crv"](V), sp["rc"], sp["rc"]],
         [
-            _sds((B, Tp, nh, K), _F32),
-            _sds((B, Tp, HV, V), _F32),
+            _sds((B, Tp, nh, K), pdt),
+            _sds((B, Tp, HV, V), cfg.dtype),
             _sds((B, HV, Tp), _F32),
             _sds((B, HV, Tp), _F32),
         ],
@@ -984,9 +1000,9 @@ def _bwd_fused(cfg, q, k, v, gamma, beta, seg, w, u, tinv, states, dstates, vn, 
         ],
         [sp["out_qk"](K), sp["out_qk"](K), sp["crv"](V), sp["rc"], sp["rc"]],
         [
-            _sds((B, Tp, HV, K), _F32),
-            _sds((B, Tp, HV, K), _F32),
-            _sds((B, Tp, HV, V), _F32),
+            _sds((B, Tp, HV, K), cfg.partial_dtype),
+            _sds((B, Tp, HV, K), cfg.partial_dtype),
+            _sds((B, Tp, HV, V), cfg.dtype),
             _sds((B, HV, Tp), _F32),
             _sds((B, HV, Tp), _F32),
         ],
@@ -1034,7 +1050,7 @@ def _pallas_core_bwd(cfg, res, cts):
         vn, dv_local = _dv_local(cfg, q, k, w, u, states, gamma, seg, do)
     dstates, dvn, dstate0 = _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal)
     # value-head grids give per-value-head dq, dk: sum each key head's group
-    group_sum = lambda x: x.reshape(*x.shape[:2], cfg.H, cfg.R, x.shape[-1]).sum(3)
+    group_sum = lambda x: x.reshape(*x.shape[:2], cfg.H, cfg.R, x.shape[-1]).sum(3, dtype=_F32)
     if cfg.fuse_bwd:
         dq, dk, dv, dbeta, dgamma = _bwd_fused(
             cfg, q, k, v, gamma, beta, seg, w, u, tinv, states, dstates, vn, do, dvn
@@ -1054,6 +1070,7 @@ def _pallas_core_bwd(cfg, res, cts):
         dq, dk_read = group_sum(dq), group_sum(dk_read)
     if cfg.wy_hv:
         dk_wy = group_sum(dk_wy)
+    dk_read, dk_wy = dk_read.astype(_F32), dk_wy.astype(_F32)
     return (
         dq.astype(q.dtype),
         (dk_read + dk_wy).astype(k.dtype),
