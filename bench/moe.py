@@ -4,6 +4,12 @@
     python3 bench/moe.py --ep           # all visible GPUs: expert-parallel per-GPU throughput
     python3 bench/moe.py --check        # correctness of the GPU backends vs references, then exit
     python3 bench/moe.py --sweep        # Pallas block-size sweep at 32K tokens, fwd+bwd
+    python3 bench/moe.py --breakdown --tokens 32768 --backends pallas pallas_fused
+                                        # each part / kernel of the layer alone, per backend
+    python3 bench/moe.py --dry ...      # tiny shapes on any platform (CPU: Pallas interpret)
+
+`pallas` materialises the expert-sorted copy of x and of the output rows; `pallas_fused` runs the
+same kernels reading x / the output cotangent through the row map (moe_pallas.fused_routed_swiglu).
 
 The layer = router (fp32 softmax, top-10, renormalised) + routed experts (qwen3next_jax.ops.moe)
 + sigmoid-gated shared expert, written inline with jnp. TFLOP/s count only the routed experts'
@@ -25,6 +31,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch runs in
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 HIDDEN, EXPERTS, TOPK, WIDTH = 2048, 512, 10, 512
+MATMUL_N = 8192  # side of the bf16 matmul that "% mm" is measured against
+
+
+def set_dry_shapes():
+    """--dry: shapes small enough for Pallas interpret mode on a CPU (checks the code path only)."""
+    global HIDDEN, EXPERTS, WIDTH, MATMUL_N
+    HIDDEN, EXPERTS, WIDTH, MATMUL_N = 256, 16, 128, 256
 
 
 def expert_flops(tokens: int, mode: str) -> float:
@@ -219,7 +232,7 @@ def matmul_tflops(steps):
     import jax
     import jax.numpy as jnp
 
-    n = 8192
+    n = MATMUL_N
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     ms = time_ms(jax.jit(jnp.dot), (a, b), steps)
@@ -366,7 +379,8 @@ def check(args):
             )
 
     params = init_params(jax.random.key(0), jnp.bfloat16)
-    x, cot = inputs(8192)
+    big = 8192 if not args.dry else 256
+    x, cot = inputs(big)
     fwd_ref, grad_ref = make_fns("padded", capacity_factor=4.0)
     y_ref, st = fwd_ref(params, x, cot)
     g_ref = grad_ref(params, x, cot)[0]
@@ -387,7 +401,7 @@ def check(args):
             errs, good = repr(ex)[:300], False
         ok &= good
         print(
-            f"check {backend} bf16 8192 tokens x 512 experts vs padded: {errs} "
+            f"check {backend} bf16 {big} tokens x {EXPERTS} experts vs padded: {errs} "
             f"{'PASS' if good else 'FAIL'}",
             flush=True,
         )
@@ -401,7 +415,7 @@ def sweep(args):
     from qwen3next_jax.ops import moe_pallas
 
     params = init_params(jax.random.key(0), jax.numpy.bfloat16)
-    x, cot = inputs(32768)
+    x, cot = inputs(32768 if not args.dry else args.tokens[0])
     base = {
         k: getattr(moe_pallas, k)
         for k in ("TILE_M", "TGMM_ROWS", "BLOCK_N", "BLOCK_K", "NUM_WARPS", "NUM_STAGES")
@@ -414,32 +428,44 @@ def sweep(args):
         {"NUM_WARPS": 4},
         {"BLOCK_N": 64, "NUM_WARPS": 4},
     ]
+    backends = [b for b in args.backends if b.startswith("pallas")] or ["pallas"]
     for cfg in configs[: args.sweep_n]:
         for k, v in {**base, **cfg}.items():
             setattr(moe_pallas, k, v)
-        try:
-            _, grad = make_fns("pallas")
-            res = {"fwd+bwd": time_ms(grad, (params, x, cot), 5)}
-        except Exception as e:  # noqa: BLE001
-            res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-        print("sweep", json.dumps({**base, **cfg}), json.dumps(res), flush=True)
+        for backend in backends:
+            try:
+                _, grad = make_fns(backend)
+                res = {"backend": backend, "fwd+bwd": time_ms(grad, (params, x, cot), 5)}
+            except Exception as e:  # noqa: BLE001
+                res = {
+                    "backend": backend,
+                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
+                }
+            print("sweep", json.dumps({**base, **cfg}), json.dumps(res), flush=True)
     for k, v in base.items():
         setattr(moe_pallas, k, v)
 
 
 def breakdown(args):
-    """Times each part of the layer alone (jitted separately, so fusion across parts is lost)."""
+    """Times each part of the layer alone (jitted separately, so fusion across parts is lost), for
+    every backend in --backends; for pallas / pallas_fused also each Pallas kernel on its own."""
+    for backend in args.backends:
+        breakdown_one(args, backend)
+
+
+def breakdown_one(args, backend):
     import jax
     import jax.numpy as jnp
 
-    from qwen3next_jax.ops import moe, moe_dispatch, moe_experts
+    from qwen3next_jax.ops import moe, moe_dispatch, moe_experts, moe_pallas
 
     f32 = jnp.float32
-    tokens, backend = args.tokens[0], args.backends[0]
+    tokens = args.tokens[0]
     params = init_params(jax.random.key(0), jnp.bfloat16)
     x, cot = inputs(tokens)
     wts = (params["gate_EDF"], params["up_EDF"], params["down_EFD"])
     rows, start_fn = moe_experts.row_layout(backend, tokens * TOPK, EXPERTS, None)
+    fused = backend in moe_experts.FUSED_BACKENDS
 
     def router(p, x):
         logits = jnp.dot(x, p["router_DE"], preferred_element_type=f32)
@@ -448,6 +474,12 @@ def breakdown(args):
     def place(idx):
         pl = moe_dispatch.place_by_group(idx.reshape(-1), EXPERTS, rows, start_fn)
         return pl.pos_N.reshape(tokens, TOPK), pl.src_R, pl.sizes_G, pl.start_G
+
+    def routed(x, w_TK, idx, w):
+        return moe.routed_experts(x, w_TK, idx, *w, backend=backend)[0]
+
+    def routed_loss(x, w_TK, idx, w):
+        return jnp.sum(routed(x, w_TK, idx, w).astype(f32) * cot)
 
     def experts(x_RD, w, sizes, start):
         return moe_experts.grouped_swiglu(x_RD, sizes, start, *w, backend=backend)
@@ -469,22 +501,39 @@ def breakdown(args):
 
     w_TK, idx = jax.jit(router)(params, x)
     pos, src, sizes, start = jax.jit(place)(idx)
-    x_RD = jax.jit(moe_dispatch.dispatch)(x, src, pos)
-    y_RD = jax.jit(experts)(x_RD, wts, sizes, start)
-    cot_RD = jnp.ones_like(y_RD)
     fwd, grad = make_fns(backend)
     parts = [
         ("router + top-k", jax.jit(router), (params, x)),
         ("sort + placement", jax.jit(place), (idx,)),
-        ("dispatch gather", jax.jit(moe_dispatch.dispatch), (x, src, pos)),
-        ("experts fwd", jax.jit(experts), (x_RD, wts, sizes, start)),
         (
-            "experts fwd+bwd",
-            jax.jit(jax.grad(experts_loss, (0, 1))),
-            (x_RD, wts, sizes, start, cot_RD),
+            "routed experts fwd (incl. placement)",
+            jax.jit(routed),
+            (x, w_TK, idx, wts),
         ),
-        ("combine fwd", jax.jit(combine), (y_RD, w_TK, pos, src)),
-        ("combine fwd+bwd", jax.jit(jax.grad(combine_loss, (0, 1))), (y_RD, w_TK, pos, src)),
+        (
+            "routed experts fwd+bwd (incl. placement)",
+            jax.jit(jax.grad(routed_loss, (0, 1, 3))),
+            (x, w_TK, idx, wts),
+        ),
+    ]
+    if not fused:
+        x_RD = jax.jit(moe_dispatch.dispatch)(x, src, pos)
+        y_RD = jax.jit(experts)(x_RD, wts, sizes, start)
+        cot_RD = jnp.ones_like(y_RD)
+        parts += [
+            ("dispatch gather", jax.jit(moe_dispatch.dispatch), (x, src, pos)),
+            ("experts fwd", jax.jit(experts), (x_RD, wts, sizes, start)),
+            (
+                "experts fwd+bwd",
+                jax.jit(jax.grad(experts_loss, (0, 1))),
+                (x_RD, wts, sizes, start, cot_RD),
+            ),
+            ("combine fwd", jax.jit(combine), (y_RD, w_TK, pos, src)),
+            ("combine fwd+bwd", jax.jit(jax.grad(combine_loss, (0, 1))), (y_RD, w_TK, pos, src)),
+        ]
+    if backend in ("pallas", "pallas_fused"):
+        parts += pallas_kernel_parts(moe_pallas, fused, x, cot, w_TK, pos, src, sizes, start, wts)
+    parts += [
         ("shared expert fwd", jax.jit(shared), (params, x)),
         ("layer fwd", fwd, (params, x, cot)),
         ("layer fwd+bwd", grad, (params, x, cot)),
@@ -499,9 +548,79 @@ def breakdown(args):
     print("\n".join(lines))
 
 
+def pallas_kernel_parts(mp, fused, x, cot, w_TK, pos, src, sizes, start, wts):
+    """(name, jitted fn, args) for each Pallas kernel of the forward and backward on real
+    intermediates, as the pallas (sorted copies) or pallas_fused (row-map gathers) path calls
+    them. Reaches into moe_pallas's private kernels on purpose: this is where the time goes."""
+    import jax
+
+    from qwen3next_jax.ops import moe_dispatch
+
+    wg, wu, wd = wts
+    bf = x.dtype
+    r = src.shape[0]
+    jit = jax.jit
+    tg, lo, hi = jit(mp._tile_maps, static_argnums=2)(sizes, start, r)
+    gy = cot.astype(bf)
+    k_sum = jit(lambda y_RD, pos: moe_dispatch.sum_slot_rows(y_RD, pos).astype(bf))
+    if fused:
+        tok_R, w_R = jit(mp._row_maps)(pos, src, w_TK)
+        h, g, u = jit(mp._gateup_gather, static_argnums=6)(tg, tok_R, w_R, x, wg, wu, True)
+        y_RD = jit(mp._down)(tg, h, wd)
+        dg, du, _ = jit(mp._down_bwd_gather)(tg, tok_R, w_R, gy, wd, g, u)
+        dx_RD = jit(mp._dx)(tg, dg, du, wg, wu)
+        tgmm = jit(mp._tgmm, static_argnums=(4, 6))
+        return [
+            ("fused: row maps (tok_R, w_R)", jit(mp._row_maps), (pos, src, w_TK)),
+            (
+                "fused: gate-up gather, h only (fwd)",
+                jit(lambda *a: mp._gateup_gather(*a, False)),
+                (tg, tok_R, w_R, x, wg, wu),
+            ),
+            (
+                "fused: gate-up gather + g, u residuals",
+                jit(lambda *a: mp._gateup_gather(*a, True)),
+                (tg, tok_R, w_R, x, wg, wu),
+            ),
+            ("down", jit(mp._down), (tg, h, wd)),
+            ("K-row sum (combine fwd)", k_sum, (y_RD, pos)),
+            (
+                "fused: down bwd, gathers gy (+ dL/dw)",
+                jit(mp._down_bwd_gather),
+                (tg, tok_R, w_R, gy, wd, g, u),
+            ),
+            ("dx kernel", jit(mp._dx), (tg, dg, du, wg, wu)),
+            ("K-row sum (dx)", k_sum, (dx_RD, pos)),
+            (
+                "fused: dW_down tgmm, gathers gy",
+                lambda *a: tgmm(*a, tok_R, (False, True)),
+                (lo, hi, h, [gy], wd.dtype),
+            ),
+            (
+                "fused: dW_gate/up tgmm, gathers x",
+                lambda *a: tgmm(*a, tok_R, (True, False)),
+                (lo, hi, x, [dg, du], wg.dtype),
+            ),
+        ]
+    x_RD = jit(moe_dispatch.dispatch)(x, src, pos)
+    h, g, u = jit(mp._gateup)(tg, x_RD, wg, wu)
+    dy_RD = jit(moe_dispatch.dispatch)(gy, src, pos)  # stands in for the combine's backward rows
+    dg, du = jit(mp._down_bwd)(tg, dy_RD, wd, g, u)
+    tgmm = jit(mp._tgmm, static_argnums=4)
+    return [
+        ("gate-up (h, g, u)", jit(mp._gateup), (tg, x_RD, wg, wu)),
+        ("down", jit(mp._down), (tg, h, wd)),
+        ("down bwd", jit(mp._down_bwd), (tg, dy_RD, wd, g, u)),
+        ("dx kernel", jit(mp._dx), (tg, dg, du, wg, wu)),
+        ("K-row sum (dx)", k_sum, (jit(mp._dx)(tg, dg, du, wg, wu), pos)),
+        ("dW_down tgmm", tgmm, (lo, hi, h, [dy_RD], wd.dtype)),
+        ("dW_gate/up tgmm", tgmm, (lo, hi, x_RD, [dg, du], wg.dtype)),
+    ]
+
+
 def table(rows, hf, mm_rate):
     lines = [
-        f"bf16 matmul 8192^3 measured in this run: {mm_rate:.0f} TFLOP/s",
+        f"bf16 matmul {MATMUL_N}^3 measured in this run: {mm_rate:.0f} TFLOP/s",
         "",
         "| tokens | implementation | fwd ms | fwd TFLOP/s | fwd % mm | fwd+bwd ms | "
         "fwd+bwd TFLOP/s | fwd+bwd % mm | fwd+bwd vs HF |",
@@ -568,7 +687,12 @@ def ep_table(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768, 65536])
-    ap.add_argument("--backends", nargs="+", default=["pallas", "tokamax"])
+    ap.add_argument(
+        "--backends",
+        nargs="+",
+        default=["pallas", "pallas_fused", "tokamax"],
+        help="routed_experts backends (pallas = sorted row copies, pallas_fused = row-map gathers)",
+    )
     ap.add_argument(
         "--padded-cf",
         type=float,
@@ -585,10 +709,20 @@ def main():
     ap.add_argument(
         "--breakdown", action="store_true", help="time the layer's parts (1st --tokens)"
     )
+    ap.add_argument(
+        "--dry",
+        action="store_true",
+        help="tiny shapes (hidden 256, 16 experts, 256 tokens, 1 step, no HF): runs the code path "
+        "on any platform, Pallas in interpret mode off GPU; the numbers mean nothing",
+    )
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hf_child:
         return hf_main(args.tokens, args.steps, args.hf_experts)
+    if args.dry:
+        set_dry_shapes()
+        args.tokens, args.steps, args.no_hf, args.padded_cf = [256], 1, True, 0
+        args.backends = [b for b in args.backends if b != "tokamax"]
 
     out_dir = os.environ.get("OUT", "./out")
     os.makedirs(out_dir, exist_ok=True)
@@ -605,7 +739,7 @@ def main():
 
     print(f"jax {jax.__version__}, devices: {jax.devices()}", flush=True)
     mm_rate = matmul_tflops(args.steps)
-    print(f"matmul 8192^3 bf16: {mm_rate:.0f} TFLOP/s", flush=True)
+    print(f"matmul {MATMUL_N}^3 bf16: {mm_rate:.0f} TFLOP/s", flush=True)
     if args.ep:
         rows = bench_ep(args)
         md = ep_table(rows)
