@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 HIDDEN, EXPERTS, TOPK, WIDTH = 2048, 512, 10, 512
 MATMUL_N = 8192  # side of the bf16 matmul that "% mm" is measured against
+ROUTER_IMPL = "xla"  # --router: moe.router_topk impl ('xla' or the fused 'pallas' kernel)
 
 
 def set_dry_shapes():
@@ -176,7 +177,7 @@ def moe_layer(params, x_TD, *, backend, capacity_factor=None, mesh=None):
 
     f32 = jnp.float32
     logits_TE = jnp.dot(x_TD, params["router_DE"], preferred_element_type=f32)
-    weights_TK, idx_TK, _ = moe.router_topk(logits_TE, TOPK)
+    weights_TK, idx_TK, _ = moe.router_topk(logits_TE, TOPK, impl=ROUTER_IMPL)
     y_TD, stats = moe.routed_experts(
         x_TD,
         weights_TK,
@@ -261,7 +262,8 @@ def backends_to_run(names):
 
 
 def label(backend, cf):
-    return backend if cf is None else f"{backend} (cf {cf}, drops)"
+    name = backend if ROUTER_IMPL == "xla" else f"{backend} + {ROUTER_IMPL} router"
+    return name if cf is None else f"{name} (cf {cf}, drops)"
 
 
 def bench_single(args, mm_rate):
@@ -467,9 +469,12 @@ def breakdown_one(args, backend):
     rows, start_fn = moe_experts.row_layout(backend, tokens * TOPK, EXPERTS, None)
     fused = backend in moe_experts.FUSED_BACKENDS
 
-    def router(p, x):
+    def router(p, x, impl=ROUTER_IMPL):
         logits = jnp.dot(x, p["router_DE"], preferred_element_type=f32)
-        return moe.router_topk(logits, TOPK)[:2]
+        return moe.router_topk(logits, TOPK, impl=impl)[:2]
+
+    def router_loss(p, x, c_TK, impl):
+        return jnp.sum(router(p, x, impl)[0] * c_TK)
 
     def place(idx):
         pl = moe_dispatch.place_by_group(idx.reshape(-1), EXPERTS, rows, start_fn)
@@ -502,8 +507,20 @@ def breakdown_one(args, backend):
     w_TK, idx = jax.jit(router)(params, x)
     pos, src, sizes, start = jax.jit(place)(idx)
     fwd, grad = make_fns(backend)
+    c_TK = jnp.ones((tokens, TOPK), f32)
     parts = [
-        ("router + top-k", jax.jit(router), (params, x)),
+        (f"router + top-k ({impl})", jax.jit(router, static_argnums=2), (params, x, impl))
+        for impl in ("xla", "pallas")
+    ]
+    parts += [
+        (
+            f"router + top-k fwd+bwd ({impl})",
+            jax.jit(jax.grad(router_loss, (0, 1)), static_argnums=3),
+            (params, x, c_TK, impl),
+        )
+        for impl in ("xla", "pallas")
+    ]
+    parts += [
         ("sort + placement", jax.jit(place), (idx,)),
         (
             "routed experts fwd (incl. placement)",
@@ -538,7 +555,11 @@ def breakdown_one(args, backend):
         ("layer fwd", fwd, (params, x, cot)),
         ("layer fwd+bwd", grad, (params, x, cot)),
     ]
-    lines = [f"breakdown, {tokens} tokens, backend {backend}", "| part | ms |", "|---|---|"]
+    lines = [
+        f"breakdown, {tokens} tokens, backend {backend}, layer router {ROUTER_IMPL}",
+        "| part | ms |",
+        "|---|---|",
+    ]
     for name, fn, a in parts:
         try:
             lines.append(f"| {name} | {time_ms(fn, a, args.steps):.2f} |")
@@ -715,8 +736,16 @@ def main():
         help="tiny shapes (hidden 256, 16 experts, 256 tokens, 1 step, no HF): runs the code path "
         "on any platform, Pallas in interpret mode off GPU; the numbers mean nothing",
     )
+    ap.add_argument(
+        "--router",
+        choices=("xla", "pallas"),
+        default="xla",
+        help="router softmax + top-k in the layer: XLA ops or the fused Pallas kernel",
+    )
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global ROUTER_IMPL
+    ROUTER_IMPL = args.router
     if args.hf_child:
         return hf_main(args.tokens, args.steps, args.hf_experts)
     if args.dry:

@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qwen3next_jax import sharding
-from qwen3next_jax.ops import moe_experts
+from qwen3next_jax.ops import moe_experts, moe_pallas
 from qwen3next_jax.ops.moe_dispatch import (
     combine,
     dispatch,
@@ -56,12 +56,17 @@ from qwen3next_jax.ops.moe_dispatch import (
 EP_FAST_FACTOR = 2.0  # fast-path buffers = this x the balanced load
 
 
-def router_topk(logits_TE: jax.Array, k: int, norm_topk_prob: bool = True):
+def router_topk(logits_TE: jax.Array, k: int, norm_topk_prob: bool = True, impl: str = "xla"):
     """Softmax over all experts in fp32, then top-k (spec §2.5).
 
     Returns weights_TK float32 (renormalised to sum 1 if norm_topk_prob), idx_TK int32 and
-    probs_TE float32.
+    probs_TE float32. impl: 'xla', or 'pallas' (one fused kernel, moe_pallas.router_topk; Pallas
+    interpret mode off GPU; E a power of two).
     """
+    if impl == "pallas":
+        return moe_pallas.router_topk(logits_TE, k, norm_topk_prob)
+    if impl != "xla":
+        raise ValueError(f"router_topk impl {impl!r}: expected 'xla' or 'pallas'")
     probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
     weights_TK, idx_TK = jax.lax.top_k(probs_TE, k)
     if norm_topk_prob:

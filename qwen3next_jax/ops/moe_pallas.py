@@ -527,3 +527,92 @@ def fused_routed_swiglu(
         w_down_GFD,
         x_TD.dtype,
     )
+
+
+# ----------------------------------------------------------------------------- fused router
+ROUTER_ROWS = 64  # tokens per router program
+
+
+def _router_kernel(logits_ref, probs_ref, w_ref, idx_ref, *, k, norm):
+    """fp32 softmax over the experts, top-k by k rounds of argmax (ties to the lowest expert id,
+    as lax.top_k), optional renormalisation; w / idx padded to a power-of-2 width with zeros."""
+    z = logits_ref[...].astype(jnp.float32)
+    ez = jnp.exp(z - jnp.max(z, axis=1)[:, None])
+    p = ez / jnp.sum(ez, axis=1)[:, None]
+    probs_ref[...] = p
+    bm, e = p.shape
+    col_E = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
+    col_K = jax.lax.broadcasted_iota(jnp.int32, w_ref.shape, 1)
+    w = jnp.zeros(w_ref.shape, jnp.float32)
+    idx = jnp.zeros(w_ref.shape, jnp.int32)
+    for j in range(k):
+        v_j = jnp.max(p, axis=1)
+        i_j = jnp.argmax(p, axis=1).astype(jnp.int32)
+        w = jnp.where(col_K == j, v_j[:, None], w)
+        idx = jnp.where(col_K == j, i_j[:, None], idx)
+        p = jnp.where(col_E == i_j[:, None], -1.0, p)  # probabilities are >= 0: never again
+    if norm:
+        w = w / jnp.sum(w, axis=1)[:, None]
+    w_ref[...] = w
+    idx_ref[...] = idx
+
+
+def _router_call(logits_TE, k, norm):
+    t, e = logits_TE.shape
+    bm = ROUTER_ROWS
+    tp = round_up(t, bm)
+    kp = max(2, pl.next_power_of_2(k))
+    z = jnp.pad(logits_TE, ((0, tp - t), (0, 0)))
+    rows = pl.BlockSpec((bm, e), lambda i: (i, 0))
+    small = pl.BlockSpec((bm, kp), lambda i: (i, 0))
+    probs, w, idx = _call(
+        functools.partial(_router_kernel, k=k, norm=norm),
+        (tp // bm,),
+        [rows],
+        [rows, small, small],
+        [
+            jax.ShapeDtypeStruct((tp, e), jnp.float32),
+            jax.ShapeDtypeStruct((tp, kp), jnp.float32),
+            jax.ShapeDtypeStruct((tp, kp), jnp.int32),
+        ],
+        bm * e * 4,
+    )(z)
+    return w[:t, :k], idx[:t, :k], probs[:t]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _router(logits_TE, k, norm):
+    return _router_call(logits_TE, k, norm)
+
+
+def _router_fwd(logits_TE, k, norm):
+    w_TK, idx_TK, probs_TE = _router_call(logits_TE, k, norm)
+    return (w_TK, idx_TK, probs_TE), (idx_TK, probs_TE, logits_TE[:0, :0])
+
+
+def _router_bwd(k, norm, res, cts):
+    idx_TK, probs_TE, z_dtype = res
+    dw_TK, _, dprobs_TE = cts
+    dv_TK = dw_TK.astype(jnp.float32)
+    if norm:  # w = v / sum(v): dv_j = (dw_j - sum_k dw_k w_k) / sum(v)
+        v_TK = jnp.take_along_axis(probs_TE, idx_TK, axis=1)
+        s_T1 = jnp.sum(v_TK, axis=1, keepdims=True)
+        dv_TK = (dv_TK - jnp.sum(dv_TK * v_TK / s_T1, axis=1, keepdims=True)) / s_T1
+    rows_T1 = jnp.arange(idx_TK.shape[0])[:, None]
+    dp_TE = dprobs_TE.astype(jnp.float32).at[rows_T1, idx_TK].add(dv_TK)  # as top_k's transpose
+    dz_TE = probs_TE * (dp_TE - jnp.sum(probs_TE * dp_TE, axis=1, keepdims=True))
+    return (dz_TE.astype(z_dtype.dtype),)
+
+
+_router.defvjp(_router_fwd, _router_bwd)
+
+
+def router_topk(logits_TE, k: int, norm_topk_prob: bool = True):
+    """moe.router_topk in one Pallas kernel per ROUTER_ROWS tokens: fp32 softmax, top-k, optional
+    renormalisation. logits_TE [T, E] with E a power of two (Triton block widths). Returns
+    weights_TK float32, idx_TK int32, probs_TE float32; the backward is XLA (softmax and top-k
+    transposes, as for the unfused version)."""
+    e = logits_TE.shape[1]
+    if e & (e - 1) or k > e:
+        raise ValueError(f"pallas router: {e} experts is not a power of two, or k={k} > E")
+    return _router(logits_TE, k, norm_topk_prob)
