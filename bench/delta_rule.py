@@ -294,18 +294,20 @@ KVARIANTS = [
 # so far; the first candidate of each group is the current config. The "pallas_tuned" rows
 # then run with the result.
 TUNE_GROUPS = [
-    # Session 4, run A (RESULTS.md) tried inv_power, inv_dot="tf32x3", stages_seq=4,
-    # warps_seq=8, bv_seq=64, fuse_bwd and warps_par=8 here; inv_power won (now the default).
+    # Session 4 (RESULTS.md): run A tried inv_power, inv_dot="tf32x3", stages_seq=4,
+    # warps_seq=8, bv_seq=64, fuse_bwd and warps_par=8; run B solve_hv, warps_intra=2 and
+    # bf16 partials. The winners are the defaults now; these stay as the next run's checks.
     (
         ("fwd intra (W,U)", "bwd intra (W,U[,Tinv])"),
-        [{}, dict(solve_hv=True), dict(warps_intra=2), dict(solve_hv=True, warps_intra=2)],
+        [{}, dict(solve_hv=False), dict(warps_intra=4)],
     ),
     (
         ("bwd dq/dk (read-out)", "bwd WY (dk,dv,dbeta,dg)"),
-        [{}, dict(partials="bfloat16")],
+        [{}, dict(partials="float32"), dict(fuse_bwd=True)],
     ),
 ]
-PREV = dict(save_tinv=False, inv_power=False)
+# session 2's final config (the default before session 4)
+PREV = dict(save_tinv=False, inv_power=False, solve_hv=False, warps_intra=4, partials="float32")
 TUNED = {}
 
 

@@ -8,7 +8,7 @@ launch config (_Cfg; the alternatives stay as tuning options and are tested):
 gates     _gates_kernel      grid (B, N)        gamma (segmented cumsum as one masked product),
                                                 beta, transposed to [B, HV, Tp]; its backward
                                                 _gates_bwd_kernel
-forward   _solve_kernel      grid (B, H, N)     Tinv = (I + A)^-1 per value head, [B,HV,Tp,C]
+forward   _solve_kernel      grid (B, HV, N)    Tinv = (I + A)^-1 per value head, [B,HV,Tp,C]
           _wu_kernel         grid (B, HV, N)    W, U = Tinv (beta k e^gamma, beta v), C-row
                                                 products (split_intra=False: _intra_kernel
                                                 does both on 16-row sub-blocks)
@@ -77,7 +77,7 @@ class _Cfg:
     bv_dqk: int = 128
     warps_seq: int = 4
     warps_par: int = 4
-    warps_intra: int = 4
+    warps_intra: int = 2
     warps_group: int = 8
     warps_wy: int = 4
     stages_seq: int = 3
@@ -93,9 +93,10 @@ class _Cfg:
     # fp32 products of the inverse: "ieee" (FMA units) or "tf32x3" (three TF32 tensor-core
     # passes, about fp32 accuracy); compiled kernels only, interpret mode always runs IEEE
     inv_dot: str = "ieee"
-    solve_hv: bool = False  # inverse kernel on a value-head grid (k k^T computed per value head)
-    # dtype of the per-value-head dq, dk partials of the value-head grids, summed by XLA
-    partials: str = "float32"
+    solve_hv: bool = True  # inverse kernel on a value-head grid (k k^T computed per value head)
+    # dtype of the per-value-head dq, dk partials of the value-head grids, summed in fp32 by
+    # XLA: "auto" is the storage dtype (bf16 partials halve that round trip's bytes)
+    partials: str = "auto"
 
     @property
     def R(self):
@@ -127,7 +128,7 @@ class _Cfg:
 
     @property
     def partial_dtype(self):
-        return jnp.dtype(self.partials)
+        return self.dtype if self.partials == "auto" else jnp.dtype(self.partials)
 
     @property
     def inv_precision(self):
