@@ -533,9 +533,11 @@ def fused_routed_swiglu(
 ROUTER_ROWS = 16  # tokens per router program: 16 x 512 fp32 over 256 threads stays in registers
 
 
-def _router_kernel(logits_ref, probs_ref, w_ref, idx_ref, *, k, norm):
+def _router_kernel(logits_ref, probs_ref, w_ref, idx_ref, *v_ref, k, norm):
     """fp32 softmax over the experts, top-k by k rounds of argmax (ties to the lowest expert id,
-    as lax.top_k), optional renormalisation; w / idx padded to a power-of-2 width with zeros."""
+    as lax.top_k), optional renormalisation; w / idx padded to a power-of-2 width with zeros.
+    With norm, v_ref[0] gets the top-k probabilities before renormalisation (the backward's
+    residual: w alone does not give their sum)."""
     z = logits_ref[...].astype(jnp.float32)
     ez = jnp.exp(z - jnp.max(z, axis=1)[:, None])
     p = ez / jnp.sum(ez, axis=1)[:, None]
@@ -552,12 +554,16 @@ def _router_kernel(logits_ref, probs_ref, w_ref, idx_ref, *, k, norm):
         idx = jnp.where(col_K == j, i_j[:, None], idx)
         p = jnp.where(col_E == i_j[:, None], -1.0, p)  # probabilities are >= 0: never again
     if norm:
+        v_ref[0][...] = w
         w = w / jnp.sum(w, axis=1)[:, None]
     w_ref[...] = w
     idx_ref[...] = idx
 
 
 def _router_call(logits_TE, k, norm):
+    """The forward kernel; outputs padded to tp = T rounded up to ROUTER_ROWS rows and kp
+    columns: w_pK [tp, kp], idx_pK [tp, kp], probs_pE [tp, E], v_pK [tp, kp] (the top-k
+    probabilities before renormalisation; w_pK itself without norm)."""
     t, e = logits_TE.shape
     bm = ROUTER_ROWS
     tp = round_up(t, bm)
@@ -565,34 +571,83 @@ def _router_call(logits_TE, k, norm):
     z = jnp.pad(logits_TE, ((0, tp - t), (0, 0)))
     rows = pl.BlockSpec((bm, e), lambda i: (i, 0))
     small = pl.BlockSpec((bm, kp), lambda i: (i, 0))
-    probs, w, idx = _call(
+    small_f32 = jax.ShapeDtypeStruct((tp, kp), jnp.float32)
+    outs = _call(
         functools.partial(_router_kernel, k=k, norm=norm),
         (tp // bm,),
         [rows],
-        [rows, small, small],
+        [rows, small, small] + [small] * norm,
         [
             jax.ShapeDtypeStruct((tp, e), jnp.float32),
-            jax.ShapeDtypeStruct((tp, kp), jnp.float32),
+            small_f32,
             jax.ShapeDtypeStruct((tp, kp), jnp.int32),
-        ],
+        ]
+        + [small_f32] * norm,
         bm * e * 4,
     )(z)
-    return w[:t, :k], idx[:t, :k], probs[:t]
+    probs, w, idx = outs[:3]
+    return w, idx, probs, outs[3] if norm else w
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _router(logits_TE, k, norm):
-    return _router_call(logits_TE, k, norm)
+ROUTER_BWD = "pallas"  # router backward: the fused kernel, or "xla" (the bench times both)
 
 
-def _router_fwd(logits_TE, k, norm):
-    w_TK, idx_TK, probs_TE = _router_call(logits_TE, k, norm)
-    return (w_TK, idx_TK, probs_TE), (idx_TK, probs_TE, logits_TE[:0, :0])
+def _router_bwd_kernel(*refs, k, norm, has_dprobs):
+    """dlogits for ROUTER_ROWS tokens: the renormalisation's transpose on the [bm, kp] tiles, the
+    top-k transpose as k masked selects over the [bm, E] tile (the ids of a row are distinct), the
+    softmax transpose. refs: probs, idx, dw, [v if norm], [dprobs if has_dprobs], dz."""
+    probs_ref, idx_ref, dw_ref = refs[:3]
+    v_ref = refs[3] if norm else None
+    dprobs_ref = refs[3 + norm] if has_dprobs else None
+    dz_ref = refs[-1]
+    p = probs_ref[...]
+    idx = idx_ref[...]
+    dv = dw_ref[...]  # padded columns hold dw = 0 (and are never scattered)
+    if norm:  # w = v / s, s = sum_k v_k: dv_j = (dw_j - sum_k dw_k v_k / s) / s
+        v = v_ref[...]
+        s = jnp.sum(v, axis=1)[:, None]
+        dv = (dv - jnp.sum(dv * v / s, axis=1)[:, None]) / s
+    bm, e = p.shape
+    col_E = jax.lax.broadcasted_iota(jnp.int32, (bm, e), 1)
+    col_K = jax.lax.broadcasted_iota(jnp.int32, idx.shape, 1)
+    dp = dprobs_ref[...] if has_dprobs else jnp.zeros((bm, e), jnp.float32)
+    for j in range(k):  # columns >= k are padding: never read
+        # Column j of the small tiles by a masked row sum (no value slicing in Triton).
+        i_j = jnp.sum(jnp.where(col_K == j, idx, 0), axis=1)
+        dv_j = jnp.sum(jnp.where(col_K == j, dv, 0.0), axis=1)
+        dp = jnp.where(col_E == i_j[:, None], dp + dv_j[:, None], dp)
+    dz_ref[...] = (p * (dp - jnp.sum(p * dp, axis=1)[:, None])).astype(dz_ref.dtype)
 
 
-def _router_bwd(k, norm, res, cts):
-    idx_TK, probs_TE, z_dtype = res
-    dw_TK, _, dprobs_TE = cts
+def _router_bwd_call(probs_pE, idx_pK, v_pK, dw_TK, dprobs_TE, k, norm, dtype):
+    """The backward kernel on the forward's padded residuals (probs_pE [tp, E], idx_pK and v_pK
+    [tp, kp]); dprobs_TE None = a zero cotangent (not read). Returns dlogits [T, E] in dtype."""
+    tp, e = probs_pE.shape
+    t = dw_TK.shape[0]
+    bm, kp = ROUTER_ROWS, idx_pK.shape[1]
+    dw = jnp.pad(dw_TK.astype(jnp.float32), ((0, tp - t), (0, kp - k)))
+    rows = pl.BlockSpec((bm, e), lambda i: (i, 0))
+    small = pl.BlockSpec((bm, kp), lambda i: (i, 0))
+    args, specs = [probs_pE, idx_pK, dw], [rows, small, small]
+    if norm:
+        args.append(v_pK)
+        specs.append(small)
+    if dprobs_TE is not None:
+        args.append(jnp.pad(dprobs_TE.astype(jnp.float32), ((0, tp - t), (0, 0))))
+        specs.append(rows)
+    dz = _call(
+        functools.partial(_router_bwd_kernel, k=k, norm=norm, has_dprobs=dprobs_TE is not None),
+        (tp // bm,),
+        specs,
+        rows,
+        jax.ShapeDtypeStruct((tp, e), dtype),
+        bm * e * 4,
+    )(*args)
+    return dz[:t]
+
+
+def _router_bwd_xla(idx_TK, probs_TE, dw_TK, dprobs_TE, norm):
+    """The same backward as XLA ops (take_along_axis, scatter-add, softmax transpose)."""
     dv_TK = dw_TK.astype(jnp.float32)
     if norm:  # w = v / sum(v): dv_j = (dw_j - sum_k dw_k w_k) / sum(v)
         v_TK = jnp.take_along_axis(probs_TE, idx_TK, axis=1)
@@ -600,19 +655,61 @@ def _router_bwd(k, norm, res, cts):
         dv_TK = (dv_TK - jnp.sum(dv_TK * v_TK / s_T1, axis=1, keepdims=True)) / s_T1
     rows_T1 = jnp.arange(idx_TK.shape[0])[:, None]
     dp_TE = dprobs_TE.astype(jnp.float32).at[rows_T1, idx_TK].add(dv_TK)  # as top_k's transpose
-    dz_TE = probs_TE * (dp_TE - jnp.sum(probs_TE * dp_TE, axis=1, keepdims=True))
-    return (dz_TE.astype(z_dtype.dtype),)
+    return probs_TE * (dp_TE - jnp.sum(probs_TE * dp_TE, axis=1, keepdims=True))
 
 
-_router.defvjp(_router_fwd, _router_bwd)
+def _router_fwd_padded(logits_TE, k, norm):
+    """(w_TK, idx_TK, probs_TE) and the padded residuals (idx_pK, probs_pE, v_pK)."""
+    w_pK, idx_pK, probs_pE, v_pK = _router_call(logits_TE, k, norm)
+    t = logits_TE.shape[0]
+    return (w_pK[:t, :k], idx_pK[:t, :k], probs_pE[:t]), (idx_pK, probs_pE, v_pK)
 
 
-def router_topk(logits_TE, k: int, norm_topk_prob: bool = True):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _router(logits_TE, k, norm, bwd):
+    del bwd
+    return _router_fwd_padded(logits_TE, k, norm)[0]
+
+
+def _router_fwd(logits_TE, k, norm, bwd):
+    del bwd
+    z = logits_TE.value  # symbolic_zeros: primals come as CustomVJPPrimal(value, perturbed)
+    out, res = _router_fwd_padded(z, k, norm)
+    # Padded residuals: the kernel reads them as they are (no re-pad of the [T, E] probs).
+    return out, (*res, z[:0, :0])
+
+
+def _router_bwd(k, norm, bwd, res, cts):
+    idx_pK, probs_pE, v_pK, z_empty = res
+    dw_TK, _, dprobs_TE = cts
+    # symbolic_zeros: a cotangent the loss does not reach is a SymbolicZero; a zero dprobs is
+    # not read at all (a [T, E] zeros array would be one more pass), a zero dw is small.
+    if isinstance(dprobs_TE, jax.custom_derivatives.SymbolicZero):
+        dprobs_TE = None
+    if isinstance(dw_TK, jax.custom_derivatives.SymbolicZero):
+        dw_TK = jnp.zeros(dw_TK.aval.shape, jnp.float32)
+    if bwd == "xla":
+        t = dw_TK.shape[0]
+        probs_TE = probs_pE[:t]
+        dp_TE = jnp.zeros_like(probs_TE) if dprobs_TE is None else dprobs_TE
+        dz = _router_bwd_xla(idx_pK[:t, :k], probs_TE, dw_TK, dp_TE, norm)
+        return (dz.astype(z_empty.dtype),)
+    dz = _router_bwd_call(probs_pE, idx_pK, v_pK, dw_TK, dprobs_TE, k, norm, z_empty.dtype)
+    return (dz,)
+
+
+_router.defvjp(_router_fwd, _router_bwd, symbolic_zeros=True)
+
+
+def router_topk(logits_TE, k: int, norm_topk_prob: bool = True, bwd: str | None = None):
     """moe.router_topk in one Pallas kernel per ROUTER_ROWS tokens: fp32 softmax, top-k, optional
     renormalisation. logits_TE [T, E] with E a power of two (Triton block widths). Returns
-    weights_TK float32, idx_TK int32, probs_TE float32; the backward is XLA (softmax and top-k
-    transposes, as for the unfused version)."""
+    weights_TK float32, idx_TK int32, probs_TE float32. bwd: 'pallas' (one fused kernel for the
+    top-k, renormalisation and softmax transposes) or 'xla'; None = ROUTER_BWD."""
     e = logits_TE.shape[1]
     if e & (e - 1) or k > e:
         raise ValueError(f"pallas router: {e} experts is not a power of two, or k={k} > E")
-    return _router(logits_TE, k, norm_topk_prob)
+    bwd = ROUTER_BWD if bwd is None else bwd
+    if bwd not in ("pallas", "xla"):
+        raise ValueError(f"pallas router: bwd {bwd!r}: expected 'pallas' or 'xla'")
+    return _router(logits_TE, k, norm_topk_prob, bwd)
