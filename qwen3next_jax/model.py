@@ -20,6 +20,7 @@ from qwen3next_jax.layers.deltanet import GatedDeltaNet
 from qwen3next_jax.layers.mlp import SwiGLU
 from qwen3next_jax.layers.moe import SparseMoE
 from qwen3next_jax.layers.norms import RMSNorm
+from qwen3next_jax.ops.linear import einsum_f32
 
 
 @struct.dataclass
@@ -207,9 +208,7 @@ class Qwen3Next(nnx.Module):
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         w_DV = self.lm_head_weight().astype(self.dtype)
-        out = jnp.einsum(
-            "btd,dv->btv", h_BTD.astype(self.dtype), w_DV, preferred_element_type=jnp.float32
-        )
+        out = einsum_f32("btd,dv->btv", h_BTD.astype(self.dtype), w_DV)
         return sharding.constrain(out, ("batch", "seq", "act_vocab"))
 
     def run_blocks(self, x_BTD, positions_BT, segment_ids_BT, valid_BT):

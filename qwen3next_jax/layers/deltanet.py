@@ -19,6 +19,7 @@ from qwen3next_jax.layers import params
 from qwen3next_jax.layers.norms import GatedRMSNorm
 from qwen3next_jax.ops import conv as conv_ops
 from qwen3next_jax.ops import delta_rule
+from qwen3next_jax.ops.linear import einsum_f32
 
 
 class DeltaNetCache(NamedTuple):
@@ -91,18 +92,8 @@ class GatedDeltaNet(nnx.Module):
         k_BTHK = params.project(x_BTD, self.wk_DHK, "btd,dhk->bthk", dt)
         v_BTHV = params.project(x_BTD, self.wv_DHV, "btd,dhv->bthv", dt)
         z_BTHV = params.project(x_BTD, self.wz_DHV, "btd,dhv->bthv", dt)
-        b_BTH = jnp.einsum(
-            "btd,dh->bth",
-            x_BTD.astype(dt),
-            self.wb_DH[...].astype(dt),
-            preferred_element_type=jnp.float32,
-        )
-        a_BTH = jnp.einsum(
-            "btd,dh->bth",
-            x_BTD.astype(dt),
-            self.wa_DH[...].astype(dt),
-            preferred_element_type=jnp.float32,
-        )
+        b_BTH = einsum_f32("btd,dh->bth", x_BTD.astype(dt), self.wb_DH[...])
+        a_BTH = einsum_f32("btd,dh->bth", x_BTD.astype(dt), self.wa_DH[...])
 
         c = cache
         q_BTHK, cq = self._conv(q_BTHK, self.conv_q_KHD, segment_ids_BT, c and c.conv_q)

@@ -20,7 +20,10 @@ def constant(shape: Sequence[int], axes: Sequence[str | None], value: float, dty
 
 
 def project(x: jax.Array, w: nnx.Param, spec: str, dtype) -> jax.Array:
-    """einsum(spec, x, w) in the compute ``dtype``, float32 accumulation, result in ``dtype``."""
-    return jnp.einsum(
-        spec, x.astype(dtype), w[...].astype(dtype), preferred_element_type=jnp.float32
-    ).astype(dtype)
+    """einsum(spec, x, w) in the compute ``dtype``, result in ``dtype``.
+
+    The product's own result dtype is ``dtype`` (GPU and TPU still accumulate in float32): a
+    float32 result cast down afterwards would make autodiff multiply a float32 cotangent with
+    the 16-bit operands, which XLA runs as float32 products (ops/linear.py).
+    """
+    return jnp.einsum(spec, x.astype(dtype), w[...].astype(dtype), preferred_element_type=dtype)

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from qwen3next_jax.ops.linear import einsum_f32
+
 LOSS_DEFAULTS: dict[str, Any] = {
     "mtp_weight": 0.1,
     "lb_coef": 1e-3,
@@ -83,12 +85,7 @@ def chunked_cross_entropy(
     mask_nBc = mask_BT.reshape(B, n, c).swapaxes(0, 1)
 
     def chunk_loss(w, h_BcD, tgt_Bc, mask_Bc):
-        logits_BcV = jnp.einsum(
-            "bcd,dv->bcv",
-            h_BcD.astype(dtype),
-            w.astype(dtype),
-            preferred_element_type=jnp.float32,
-        )
+        logits_BcV = einsum_f32("bcd,dv->bcv", h_BcD.astype(dtype), w)
         return _nll_sum(logits_BcV, tgt_Bc, mask_Bc)
 
     chunk_loss = jax.checkpoint(chunk_loss, policy=jax.checkpoint_policies.nothing_saveable)
