@@ -73,6 +73,9 @@ class ModelConfig:
     gdn_backend: str = "auto"  # auto | chunk | chunk_mxu | recurrent | pallas | pallas_interpret
     moe_backend: str = "auto"
     moe_capacity_factor: float | None = None
+    # Router softmax + top-k: auto (the fused Pallas kernels on GPU when E is a power of 2) | xla
+    # | pallas (interpret mode off GPU).
+    router_impl: str = "auto"
 
     def __post_init__(self):
         if self.layer_types is not None:
@@ -218,6 +221,8 @@ class ModelConfig:
             )
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             errs.append(f"moe_capacity_factor={self.moe_capacity_factor} must be positive or None.")
+        if self.router_impl not in ("auto", "xla", "pallas"):
+            errs.append(f"router_impl={self.router_impl!r} must be one of 'auto', 'xla', 'pallas'.")
         return errs
 
     # ------------------------------------------------------------------------------- conversion

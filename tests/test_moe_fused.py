@@ -227,16 +227,147 @@ def test_pallas_router_matches_xla(norm):
     np.testing.assert_allclose(dz, dz_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_pallas_router_lowers_to_triton(monkeypatch):
+@pytest.mark.parametrize("use_probs", [True, False])
+def test_pallas_router_lowers_to_triton(monkeypatch, use_probs):
+    """Forward and backward kernels lower to Triton IR at the model's shape (E 512, k 10: index
+    tiles padded to 16 columns); no XLA scatter is left in the gradient."""
     monkeypatch.setattr(moe_pallas, "_interpret", lambda: False)
 
     def f(z):
         w, _, p = moe.router_topk(z, 10, impl="pallas")
-        return jnp.sum(w) + jnp.sum(p * p)
+        return jnp.sum(w) + (jnp.sum(p * p) if use_probs else 0.0)
 
     exported = jax.export.export(
         jax.jit(jax.value_and_grad(f)),
         platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(jax.ShapeDtypeStruct((256, 512), jnp.float32))
-    assert 'name = "_router_kernel"' in exported.mlir_module()
+    text = exported.mlir_module()
+    assert text.count('name = "_router_kernel"') == 1
+    assert text.count('name = "_router_bwd_kernel"') == 1
+    assert "scatter" not in text
+
+
+def _router_grad(impl, norm, loss, k, bwd=None):
+    """jit(value_and_grad) of a loss through the router's weights and/or probs, with fixed random
+    cotangents: (w, idx, probs, dlogits)."""
+
+    def f(z, c_w, c_p):
+        if impl == "xla":
+            w, idx, p = moe.router_topk(z, k, norm, impl="xla")
+        else:
+            w, idx, p = moe_pallas.router_topk(z, k, norm, bwd=bwd)
+        total = 0.0
+        if loss in ("both", "weights"):
+            total = total + jnp.sum(w * c_w)
+        if loss in ("both", "probs"):  # the load-balancing loss's path
+            total = total + jnp.sum(p * c_p)
+        return total, (w, idx, p)
+
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+
+def _max_rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize(
+    ("k", "loss", "bwd"),
+    [
+        (5, "both", "pallas"),
+        (5, "weights", "pallas"),  # probs cotangent a symbolic zero: the kernel skips it
+        (5, "probs", "pallas"),  # weights cotangent a symbolic zero
+        (4, "both", "pallas"),  # k a power of two: no padded index columns
+        (5, "both", "xla"),  # the XLA backward behind the Pallas forward (bench variant)
+    ],
+)
+@pytest.mark.parametrize("norm", [True, False])
+def test_pallas_router_backward_matches_xla(norm, k, loss, bwd):
+    """dlogits of the fused router (Pallas backward: renormalisation, top-k and softmax
+    transposes in one kernel) equal the XLA router's to fp32 rounding; T = 70 is not a multiple
+    of ROUTER_ROWS, so padded rows exist too."""
+    t, e = 70, 32
+    ks = jax.random.split(jax.random.key(11), 3)
+    args = (
+        3.0 * jax.random.normal(ks[0], (t, e)),
+        jax.random.normal(ks[1], (t, k)),
+        jax.random.normal(ks[2], (t, e)),
+    )
+    (_, (w, idx, p)), dz = _router_grad("pallas", norm, loss, k, bwd)(*args)
+    (_, (w_ref, idx_ref, p_ref)), dz_ref = _router_grad("xla", norm, loss, k)(*args)
+    np.testing.assert_array_equal(idx, idx_ref)
+    assert _max_rel(w, w_ref) < 1e-6 and _max_rel(p, p_ref) < 1e-6
+    assert dz.shape == (t, e) and dz.dtype == jnp.float32
+    assert _max_rel(dz, dz_ref) < 1e-6, _max_rel(dz, dz_ref)
+
+
+def test_router_impl_auto_picks_pallas_on_gpu(monkeypatch):
+    """'auto' is the XLA router on CPU; when tracing for GPU, the Pallas kernels if E is a power
+    of two (else XLA)."""
+
+    def kernels(e):
+        jaxpr = jax.make_jaxpr(lambda z: moe.router_topk(z, 2, impl="auto"))(jnp.zeros((8, e)))
+        return str(jaxpr).count("pallas_call")
+
+    assert kernels(8) == 0
+    monkeypatch.setattr(moe.sharding, "target_platform", lambda: "gpu")
+    assert kernels(8) == 1
+    assert kernels(12) == 0
+
+
+def _moe_layer_run(router_impl, mesh=None):
+    """A tiny-config SparseMoE (E 8, k 2, shared expert) on fixed parameters: outputs, stats and
+    the gradient of sum(y * c) + the load-balancing-style sum over prob_sum_E (so the probs'
+    cotangent is real) w.r.t. the router weights and x."""
+    from flax import nnx
+
+    from qwen3next_jax import sharding
+    from qwen3next_jax.config import tiny
+    from qwen3next_jax.layers.moe import SparseMoE
+
+    cfg = tiny(router_impl=router_impl)
+    layer = SparseMoE(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    ks = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(ks[0], (8, 10, cfg.hidden_size))
+    c = jax.random.normal(ks[1], (8, 10, cfg.hidden_size))
+    c_E = jax.random.normal(ks[2], (cfg.num_experts,))
+
+    def loss(state, x):
+        y, stats = nnx.merge(graphdef, state)(x)
+        return jnp.sum(y * c) + jnp.sum(stats["prob_sum_E"] * c_E), (y, stats)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    if mesh is None:
+        (_, (y, stats)), (g_state, dx) = fn(state, x)
+    else:
+        with sharding.use_mesh(mesh):
+            x = jax.device_put(x, sharding.named_sharding(("batch", "seq")))
+            (_, (y, stats)), (g_state, dx) = fn(state, x)
+    return y, stats, g_state["router_DE"][...], dx
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_moe_layer_pallas_router_matches_xla(sharded):
+    """router_impl='pallas' (interpret mode here) gives the layer the same outputs, routing stats
+    and gradients as 'xla'; sharded: tokens over data x fsdp x expert (the router in shard_map)."""
+    from qwen3next_jax import sharding
+
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2}) if sharded else None
+    y, stats, g_router, dx = _moe_layer_run("pallas", mesh)
+    y_ref, stats_ref, g_router_ref, dx_ref = _moe_layer_run("xla")
+    np.testing.assert_array_equal(stats["counts_E"], stats_ref["counts_E"])
+    for key in ("prob_sum_E", "num_tokens", "z_sum", "entropy_sum", "dropped_fraction"):
+        np.testing.assert_allclose(stats[key], stats_ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert _max_rel(y, y_ref) < 1e-5
+    assert _max_rel(g_router, g_router_ref) < 1e-5
+    assert _max_rel(dx, dx_ref) < 1e-5
+
+
+def test_router_impl_config_validation():
+    from qwen3next_jax.config import ConfigError, tiny
+
+    assert tiny().router_impl == "auto"
+    with pytest.raises(ConfigError, match="router_impl='triton'"):
+        tiny(router_impl="triton")

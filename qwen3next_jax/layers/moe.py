@@ -67,10 +67,14 @@ class SparseMoE(nnx.Module):
             self.router_DE[...].astype(self.dtype),
             preferred_element_type=jnp.float32,
         )
-        weights_NK, idx_NK, probs_NE = moe_ops.router_topk(
-            logits_NE, cfg.num_experts_per_tok, cfg.norm_topk_prob
-        )
         ctx = sharding.current()
+        weights_NK, idx_NK, probs_NE = moe_ops.router_topk(
+            logits_NE,
+            cfg.num_experts_per_tok,
+            cfg.norm_topk_prob,
+            impl=cfg.router_impl,
+            mesh=None if ctx is None else ctx.mesh,
+        )
         y_ND, op_stats = moe_ops.routed_experts(
             x_ND,
             weights_NK,

@@ -56,17 +56,52 @@ from qwen3next_jax.ops.moe_dispatch import (
 EP_FAST_FACTOR = 2.0  # fast-path buffers = this x the balanced load
 
 
-def router_topk(logits_TE: jax.Array, k: int, norm_topk_prob: bool = True, impl: str = "xla"):
+def router_topk(
+    logits_TE: jax.Array,
+    k: int,
+    norm_topk_prob: bool = True,
+    impl: str = "xla",
+    *,
+    mesh=None,
+    token_axes=("data", "fsdp", "expert"),
+):
     """Softmax over all experts in fp32, then top-k (spec §2.5).
 
     Returns weights_TK float32 (renormalised to sum 1 if norm_topk_prob), idx_TK int32 and
-    probs_TE float32. impl: 'xla', or 'pallas' (one fused kernel, moe_pallas.router_topk; Pallas
-    interpret mode off GPU; E a power of two).
+    probs_TE float32. impl: 'xla', 'pallas' (one fused kernel each way, moe_pallas.router_topk;
+    Pallas interpret mode off GPU; E a power of two), or 'auto': 'pallas' when tracing for GPU
+    and E is a power of two, else 'xla'. mesh: optional; 'pallas' then runs in shard_map with
+    the tokens split over the token_axes present in it (T must divide by those shards).
     """
+    if impl == "auto":
+        e = logits_TE.shape[-1]
+        gpu = sharding.target_platform() == "gpu"  # as _resolve_backend: the traced-for platform
+        impl = "pallas" if gpu and not e & (e - 1) and k <= e else "xla"
     if impl == "pallas":
-        return moe_pallas.router_topk(logits_TE, k, norm_topk_prob)
+
+        def fn(z_TE):
+            return moe_pallas.router_topk(z_TE, k, norm_topk_prob)
+
+        names = () if mesh is None else tuple(mesh.axis_names)
+        tok_axes = tuple(a for a in token_axes if a in names and mesh.shape[a] > 1)
+        if not tok_axes:
+            return fn(logits_TE)
+        # A Pallas call has no partitioning rule: without shard_map, XLA would gather every
+        # token's logits onto every device and run the whole router there.
+        shards = math.prod(mesh.shape[a] for a in tok_axes)
+        if logits_TE.shape[0] % shards:
+            raise ValueError(
+                f"router_topk: {logits_TE.shape[0]} tokens must divide by {shards} token shards"
+            )
+        spec = P(tok_axes, None)
+        if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+            logits_TE = jax.sharding.reshard(logits_TE, NamedSharding(mesh, spec))
+        # check_vma=False: as routed_experts (the Pallas out_shape carries no vma annotation).
+        return jax.shard_map(
+            fn, mesh=mesh, in_specs=spec, out_specs=(spec, spec, spec), check_vma=False
+        )(logits_TE)
     if impl != "xla":
-        raise ValueError(f"router_topk impl {impl!r}: expected 'xla' or 'pallas'")
+        raise ValueError(f"router_topk impl {impl!r}: expected 'auto', 'xla' or 'pallas'")
     probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
     weights_TK, idx_TK = jax.lax.top_k(probs_TE, k)
     if norm_topk_prob:
