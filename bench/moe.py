@@ -473,8 +473,16 @@ def breakdown_one(args, backend):
         logits = jnp.dot(x, p["router_DE"], preferred_element_type=f32)
         return moe.router_topk(logits, TOPK, impl=impl)[:2]
 
-    def router_loss(p, x, c_TK, impl):
-        return jnp.sum(router(p, x, impl)[0] * c_TK)
+    def router_loss(p, x, c_TK, impl, c_TE=None):
+        """sum(w * c_TK), plus sum(probs * c_TE) (the load-balancing loss's path) if given;
+        impl 'pallas_xla_bwd': the Pallas forward kernel with the XLA backward."""
+        logits = jnp.dot(x, p["router_DE"], preferred_element_type=f32)
+        if impl == "pallas_xla_bwd":
+            w, _, probs = moe_pallas.router_topk(logits, TOPK, bwd="xla")
+        else:
+            w, _, probs = moe.router_topk(logits, TOPK, impl=impl)
+        loss = jnp.sum(w * c_TK)
+        return loss if c_TE is None else loss + jnp.sum(probs * c_TE)
 
     def place(idx):
         pl = moe_dispatch.place_by_group(idx.reshape(-1), EXPERTS, rows, start_fn)
@@ -512,13 +520,16 @@ def breakdown_one(args, backend):
         (f"router + top-k ({impl})", jax.jit(router, static_argnums=2), (params, x, impl))
         for impl in ("xla", "pallas")
     ]
+    c_TE = jax.random.normal(jax.random.key(1), (tokens, EXPERTS), f32)
+    rargs = (params, x, c_TK)
+    router_grad = jax.jit(jax.grad(router_loss, (0, 1)), static_argnums=3)
+    names = {"xla": "xla", "pallas": "pallas", "pallas_xla_bwd": "pallas fwd, xla bwd"}
     parts += [
-        (
-            f"router + top-k fwd+bwd ({impl})",
-            jax.jit(jax.grad(router_loss, (0, 1)), static_argnums=3),
-            (params, x, c_TK, impl),
-        )
-        for impl in ("xla", "pallas")
+        (f"router + top-k fwd+bwd ({names[impl]})", router_grad, (*rargs, impl)) for impl in names
+    ]
+    parts += [  # with a probs cotangent too, as in the model (the load-balancing loss)
+        (f"router + top-k fwd+bwd, w and probs ({names[impl]})", router_grad, (*rargs, impl, c_TE))
+        for impl in names
     ]
     parts += [
         ("sort + placement", jax.jit(place), (idx,)),
