@@ -170,13 +170,12 @@ def init_params(key, dtype):
 
 
 def moe_layer(params, x_TD, *, backend, capacity_factor=None, mesh=None):
-    import jax
     import jax.numpy as jnp
 
     from qwen3next_jax.ops import moe
 
     f32 = jnp.float32
-    logits_TE = jnp.dot(x_TD, params["router_DE"], preferred_element_type=f32)
+    logits_TE = moe.router_logits(x_TD, params["router_DE"])
     weights_TK, idx_TK, _ = moe.router_topk(logits_TE, TOPK, impl=ROUTER_IMPL)
     y_TD, stats = moe.routed_experts(
         x_TD,
@@ -189,13 +188,23 @@ def moe_layer(params, x_TD, *, backend, capacity_factor=None, mesh=None):
         capacity_factor=capacity_factor,
         mesh=mesh,
     )
-    g = jnp.dot(x_TD, params["s_gate_DF"], preferred_element_type=f32)
-    u = jnp.dot(x_TD, params["s_up_DF"], preferred_element_type=f32)
-    s_TD = jnp.dot(
-        (jax.nn.silu(g) * u).astype(x_TD.dtype), params["s_down_FD"], preferred_element_type=f32
-    )
-    gate_T1 = jax.nn.sigmoid(jnp.dot(x_TD, params["s_gate_D1"], preferred_element_type=f32))
-    return (y_TD.astype(f32) + gate_T1 * s_TD).astype(x_TD.dtype), stats
+    return (y_TD.astype(f32) + shared_expert(params, x_TD).astype(f32)).astype(x_TD.dtype), stats
+
+
+def shared_expert(p, x_TD):
+    """The gated shared expert as the model computes it (layers/mlp.py, layers/moe.py): 16-bit
+    projections with 16-bit results, the sigmoid gate's logit in fp32 (ops/linear.py)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen3next_jax.ops.linear import einsum_f32
+
+    dt = x_TD.dtype
+    g = jnp.dot(x_TD, p["s_gate_DF"], preferred_element_type=dt)
+    u = jnp.dot(x_TD, p["s_up_DF"], preferred_element_type=dt)
+    s_TD = jnp.dot(jax.nn.silu(g) * u, p["s_down_FD"], preferred_element_type=dt)
+    gate_T1 = jax.nn.sigmoid(einsum_f32("td,do->to", x_TD, p["s_gate_D1"]))
+    return gate_T1 * s_TD.astype(jnp.float32)
 
 
 def make_fns(backend, capacity_factor=None, mesh=None):
@@ -470,13 +479,12 @@ def breakdown_one(args, backend):
     fused = backend in moe_experts.FUSED_BACKENDS
 
     def router(p, x, impl=ROUTER_IMPL):
-        logits = jnp.dot(x, p["router_DE"], preferred_element_type=f32)
-        return moe.router_topk(logits, TOPK, impl=impl)[:2]
+        return moe.router_topk(moe.router_logits(x, p["router_DE"]), TOPK, impl=impl)[:2]
 
     def router_loss(p, x, c_TK, impl, c_TE=None):
         """sum(w * c_TK), plus sum(probs * c_TE) (the load-balancing loss's path) if given;
         impl 'pallas_xla_bwd': the Pallas forward kernel with the XLA backward."""
-        logits = jnp.dot(x, p["router_DE"], preferred_element_type=f32)
+        logits = moe.router_logits(x, p["router_DE"])
         if impl == "pallas_xla_bwd":
             w, _, probs = moe_pallas.router_topk(logits, TOPK, bwd="xla")
         else:
@@ -506,11 +514,7 @@ def breakdown_one(args, backend):
     def combine_loss(y_RD, w_TK, pos, src):
         return jnp.sum(combine(y_RD, w_TK, pos, src).astype(f32) * cot)
 
-    def shared(p, x):
-        g = jnp.dot(x, p["s_gate_DF"], preferred_element_type=f32)
-        u = jnp.dot(x, p["s_up_DF"], preferred_element_type=f32)
-        s = jnp.dot((jax.nn.silu(g) * u).astype(x.dtype), p["s_down_FD"])
-        return jax.nn.sigmoid(jnp.dot(x, p["s_gate_D1"], preferred_element_type=f32)) * s
+    shared = shared_expert
 
     w_TK, idx = jax.jit(router)(params, x)
     pos, src, sizes, start = jax.jit(place)(idx)

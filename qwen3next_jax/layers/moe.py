@@ -15,6 +15,7 @@ from qwen3next_jax.config import ModelConfig
 from qwen3next_jax.layers import params
 from qwen3next_jax.layers.mlp import SwiGLU
 from qwen3next_jax.ops import moe as moe_ops
+from qwen3next_jax.ops.linear import einsum_f32
 
 
 def normalize_router_rows(w_DE: jax.Array, std: float) -> jax.Array:
@@ -61,12 +62,7 @@ class SparseMoE(nnx.Module):
         cfg = self.cfg
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D).astype(self.dtype)
-        logits_NE = jnp.einsum(
-            "nd,de->ne",
-            x_ND,
-            self.router_DE[...].astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        logits_NE = moe_ops.router_logits(x_ND, self.router_DE[...])
         ctx = sharding.current()
         weights_NK, idx_NK, probs_NE = moe_ops.router_topk(
             logits_NE,
@@ -90,12 +86,7 @@ class SparseMoE(nnx.Module):
         if cfg.shared_expert_intermediate_size:
             shared_BTD = self.shared_expert(x_BTD)
             gate_BT1 = jax.nn.sigmoid(
-                jnp.einsum(
-                    "btd,do->bto",
-                    x_BTD.astype(self.dtype),
-                    self.shared_gate_D1[...].astype(self.dtype),
-                    preferred_element_type=jnp.float32,
-                )
+                einsum_f32("btd,do->bto", x_BTD.astype(self.dtype), self.shared_gate_D1[...])
             )
             y_BTD = y_BTD.astype(jnp.float32) + gate_BT1 * shared_BTD.astype(jnp.float32)
             y_BTD = y_BTD.astype(self.dtype)
