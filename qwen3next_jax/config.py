@@ -210,6 +210,7 @@ class ModelConfig:
             "tokamax",
             "padded",
             "pallas",
+            "pallas_fused",
             "megablox",
             "megablox_interpret",
             "dense",
@@ -217,7 +218,7 @@ class ModelConfig:
         if self.moe_backend not in moe_backends:
             errs.append(
                 f"moe_backend={self.moe_backend!r} must be one of 'auto', 'ragged_dot', 'tokamax', "
-                "'padded', 'pallas', 'megablox', 'megablox_interpret', 'dense'."
+                "'padded', 'pallas', 'pallas_fused', 'megablox', 'megablox_interpret', 'dense'."
             )
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             errs.append(f"moe_capacity_factor={self.moe_capacity_factor} must be positive or None.")
