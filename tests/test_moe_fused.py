@@ -9,20 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType
+from moe_testing import small_pallas_tiles  # noqa: F401 (autouse fixture)
 
 from qwen3next_jax.ops import moe, moe_experts, moe_pallas
 
 T, D, F, E, K = 40, 64, 32, 8, 3
-
-
-@pytest.fixture(autouse=True)
-def _small_pallas_tiles(monkeypatch):
-    # Interpret-mode Pallas: small tiles keep the padded row count (and the test time) small;
-    # D and F span several blocks so the column and contraction loops run more than once.
-    monkeypatch.setattr(moe_pallas, "TILE_M", 16)
-    monkeypatch.setattr(moe_pallas, "BLOCK_N", 16)
-    monkeypatch.setattr(moe_pallas, "BLOCK_K", 16)
-    monkeypatch.setattr(moe_pallas, "TGMM_ROWS", 8)
 
 
 def _inputs(dtype, kind, seed=0):

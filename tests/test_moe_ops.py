@@ -8,20 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType
+from moe_testing import small_pallas_tiles  # noqa: F401 (autouse fixture)
 
-from qwen3next_jax.ops import moe, moe_pallas
+from qwen3next_jax.ops import moe
 
 T, D, F, E, K = 48, 32, 16, 8, 2
 BACKENDS = ["ragged_dot", "padded", "dense", "pallas"]
-
-
-@pytest.fixture(autouse=True)
-def _small_pallas_tiles(monkeypatch):
-    # Interpret-mode Pallas: small tiles keep the padded row count (and the test time) small.
-    monkeypatch.setattr(moe_pallas, "TILE_M", 16)
-    monkeypatch.setattr(moe_pallas, "BLOCK_N", 16)
-    monkeypatch.setattr(moe_pallas, "BLOCK_K", 16)
-    monkeypatch.setattr(moe_pallas, "TGMM_ROWS", 8)
 
 
 def _params(seed=0, dtype=jnp.float32):
