@@ -260,14 +260,13 @@ def test_eval_cli_errors_are_one_sentence(tmp_path):
 
 @pytest.mark.slow
 def test_eval_after_short_training(tmp_path):
-    # Trained in a subprocess on one CPU device (the in-process 8-fake-device mesh is not needed).
+    # test_train's SMALL run on its 8 fake devices: conftest.py runs this test on the worker that
+    # runs test_train's SMALL-run tests, one after the other, so train.py finds its compiled init,
+    # train and eval steps in the persistent cache. eval.py then runs on one device.
+    from test_train import _train_env, _train_run
+
     workdir = str(tmp_path / "run")
-    overrides = dict(
-        train_steps=4, global_batch_size=8, checkpoint_every=4, eval_batches=1, log_every=2
-    )
-    args = [f"--config.{k}={v}" for k, v in overrides.items()]
-    args += ["--config.data.seq_len=64", "--config.optim.warmup_steps=1"]
-    r = _run_eval(f"--workdir={workdir}", *args, script="train.py")
+    r = _train_run(_train_env(), workdir, "--config.train_steps=4", "--config.checkpoint_every=4")
     assert r.returncode == 0, r.stderr[-2000:]
     r = _run_eval(f"--workdir={workdir}")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -150,6 +150,13 @@ def _train_cmd(workdir, *flags):
     ]
 
 
+def _train_env():
+    """This process's environment (8 fake devices, the compile cache) and matmul precision: the
+    compiled programs' hash includes the precision, so with it train.py finds what the in-process
+    runs of the same config (or an earlier train.py) compiled. On CPU, float32 results are equal."""
+    return dict(os.environ, PYTHONUNBUFFERED="1", JAX_DEFAULT_MATMUL_PRECISION="highest")
+
+
 def _train_run(env, workdir, *flags):
     cmd = _train_cmd(workdir, *flags)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -157,7 +164,7 @@ def _train_run(env, workdir, *flags):
 
 @pytest.mark.slow
 def test_cli_trains_resumes_and_survives_sigterm(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # same 8 fake devices, same compile cache
+    env = _train_env()
     wd = str(tmp_path / "run")
     first = _train_run(env, wd, "--config.train_steps=12", "--config.checkpoint_every=6")
     assert first.returncode == 0, first.stderr[-3000:]
