@@ -3,6 +3,13 @@
 XLA_FLAGS must be set before JAX initialises its backends, hence at import time here. A persistent
 compilation cache (in .pytest_cache, which a fresh checkout lacks) lets identical programs — the
 same train step built by several tests, or by train.py subprocesses — compile once per session.
+
+Under pytest-xdist (CI: ``python -m pytest -n auto --dist load`` on 2 cores) the suite is bound by
+XLA compiles, so the scheduler below hands out work units rather than single tests: a unit is a
+module (its module fixtures and jitted functions are then built on one worker, not on each), or a
+named set of tests that build the same programs (they run back to back on one worker, and the later
+ones find those programs in the persistent cache). Units go out longest first, so no long test
+starts last while the other worker idles.
 """
 
 import os
@@ -15,7 +22,75 @@ CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_ca
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+# Tests that build the same compiled programs: one work unit each (see the module docstring).
+_UNIT_OF = {
+    # test_train.py's SMALL run on the 8-device data mesh: its init, train and eval steps.
+    "tests/test_train.py::test_resume_is_exact": "SMALL run, 8 devices",
+    "tests/test_train.py::test_cli_trains_resumes_and_survives_sigterm": "SMALL run, 8 devices",
+    "tests/test_inference.py::test_eval_after_short_training": "SMALL run, 8 devices",
+    # small_config() on one device: its init step.
+    "tests/test_train.py::test_one_step_same_on_one_device_and_2x2x2_mesh": "small, 1 device",
+    "tests/test_train.py::test_gradient_accumulation_equals_big_batch": "small, 1 device",
+    # TPU compiles (never cached), one unit each.
+    "tests/test_aot.py::test_train_step_compiles_for_v5p_2x2x1_with_fsdp_and_experts": "v5p",
+    "tests/test_aot.py::test_cli_compiles_for_a_16_chip_v6e": "v6e",
+}
+# Rough seconds of one worker on a 2-core CPU with an empty cache; only their order matters. A unit
+# not listed counts 2 s per test.
+_COST = {
+    "SMALL run, 8 devices": 250,
+    "small, 1 device": 180,
+    "tests/test_inference.py": 200,
+    "tests/test_model.py": 110,
+    "tests/test_moe_ops.py": 90,
+    "tests/test_delta_rule_pallas.py": 80,
+    "tests/test_delta_rule.py": 70,
+    "v5p": 60,
+    "tests/test_tpu_kernels.py": 60,
+    "tests/test_moe_fused.py": 55,
+    "tests/test_hf.py": 50,
+    "tests/test_losses.py": 50,
+    "v6e": 45,
+    "tests/test_optimizer.py": 15,
+}
+
+
+def unit_of(nodeid: str) -> str:
+    return _UNIT_OF.get(nodeid.split("[")[0], nodeid.split("::")[0])
+
+
+def pytest_collection_modifyitems(items):
+    """Each unit's tests together, longest unit first: xdist hands units out in this order."""
+    index: dict[str, int] = {}
+    size: dict[str, int] = {}
+    for i, item in enumerate(items):
+        unit = unit_of(item.nodeid)
+        index.setdefault(unit, i)
+        size[unit] = size.get(unit, 0) + 1
+
+    def key(i):
+        unit = unit_of(items[i].nodeid)
+        return -_COST.get(unit, 2 * size[unit]), index[unit], i
+
+    items[:] = [items[i] for i in sorted(range(len(items)), key=key)]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist load`` in work units (see the module docstring); other modes are xdist's own."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return unit_of(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection's order, longest unit first
+    return UnitScheduling(config, log)
