@@ -319,3 +319,51 @@ def test_unknown_backend_and_missing_tokamax():
     except ImportError:
         with pytest.raises(ImportError, match="pip install tokamax"):
             moe.routed_experts(x, w, idx, wg, wu, wd, backend="tokamax")
+
+
+def test_group_starts_match_searchsorted():
+    """Sorted ids with empty groups (first, middle, last) and the invalid id G."""
+    from qwen3next_jax.ops.moe_dispatch import group_starts, sort_by_group
+
+    rng = np.random.default_rng(3)
+    for ids in (
+        np.array([1, 1, 3, 3, 3, 6, 8, 8], np.int32),  # G = 8: 0, 2, 4, 5, 7 empty; invalid 8
+        rng.integers(0, 9, 200).astype(np.int32),
+        np.full(5, 8, np.int32),  # every entry invalid
+        np.arange(8, dtype=np.int32),
+    ):
+        g = 8
+        want = np.searchsorted(np.sort(ids), np.arange(g + 1), side="left")
+        np.testing.assert_array_equal(group_starts(jnp.asarray(np.sort(ids)), g), want)
+        order, gid_sorted, bounds = sort_by_group(jnp.asarray(ids), g)
+        np.testing.assert_array_equal(bounds, want)
+        np.testing.assert_array_equal(gid_sorted, np.sort(ids))
+        np.testing.assert_array_equal(order, np.argsort(ids, kind="stable"))
+
+
+@pytest.mark.parametrize("backend", ["pallas", "pallas_fused"])
+def test_routed_experts_program_has_no_while_loop(backend):
+    """On a GPU every XLA while loop runs one launch per iteration outside the step's command
+    buffer; the dispatch and tile maps of the Pallas backends must not contain one."""
+    x, wg, wu, wd, cot = _params()
+    w, idx = _routing("random")
+
+    def loss(x, w, wg, wu, wd):
+        y, _ = moe.routed_experts(x, w, idx, wg, wu, wd, backend=backend)
+        return jnp.sum(y * cot)
+
+    def loops(jaxpr):  # XLA-level loops, not those inside a Pallas kernel's body
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("while", "scan"):
+                yield eqn.primitive.name
+            if eqn.primitive.name == "pallas_call":
+                continue
+            for param in eqn.params.values():
+                for j in param if isinstance(param, (tuple, list)) else (param,):
+                    j = getattr(j, "jaxpr", j)
+                    if hasattr(j, "eqns"):
+                        yield from loops(j)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=range(5)))(x, w, wg, wu, wd).jaxpr
+    assert "pallas_call" in str(jaxpr)
+    assert not list(loops(jaxpr))

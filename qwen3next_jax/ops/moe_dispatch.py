@@ -47,11 +47,23 @@ def sort_by_group(gid_N: jax.Array, num_groups: int):
     group g occupying sorted positions [bounds[g], bounds[g+1]); id num_groups sorts last."""
     order_N = jnp.argsort(gid_N, stable=True).astype(jnp.int32)
     gid_sorted = gid_N[order_N]
-    # Boundaries by binary search rather than a histogram: no [N, G] compare, no atomics.
-    bounds = jnp.searchsorted(
-        gid_sorted, jnp.arange(num_groups + 1, dtype=gid_N.dtype), side="left", method="scan"
-    ).astype(jnp.int32)
-    return order_N, gid_sorted, bounds
+    return order_N, gid_sorted, group_starts(gid_sorted, num_groups)
+
+
+def group_starts(gid_sorted_N: jax.Array, num_groups: int) -> jax.Array:
+    """int32 [G+1]: the first sorted position of each id in [0, G] (for an absent id, that of
+    the next present one, or N). gid_sorted_N: sorted int ids in [0, G].
+
+    Each group's first entry writes its position (a scatter without collisions), and a reverse
+    running minimum fills the empty groups. No binary search: jnp.searchsorted(method="scan")
+    is a while loop, which on a GPU splits the step's command buffer and launches every
+    iteration separately (~1 ms of gaps per MoE layer at 32K tokens on an H200)."""
+    n = gid_sorted_N.shape[0]
+    pos_N = jnp.arange(n, dtype=jnp.int32)
+    first_N = jnp.concatenate([jnp.ones((min(n, 1),), bool), gid_sorted_N[1:] != gid_sorted_N[:-1]])
+    gid_safe = jnp.where(first_N, gid_sorted_N, num_groups + 1)
+    starts = jnp.full((num_groups + 1,), n, jnp.int32).at[gid_safe].set(pos_N, mode="drop")
+    return jax.lax.cummin(starts, axis=0, reverse=True)
 
 
 def place_by_group(
