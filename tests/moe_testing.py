@@ -14,3 +14,4 @@ def small_pallas_tiles(monkeypatch):
     monkeypatch.setattr(moe_pallas, "BLOCK_N", 16)
     monkeypatch.setattr(moe_pallas, "BLOCK_K", 16)
     monkeypatch.setattr(moe_pallas, "TGMM_ROWS", 8)
+    monkeypatch.setattr(moe_pallas, "TGMM_ROWS_PAIR", 8)

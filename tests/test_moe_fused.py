@@ -162,6 +162,7 @@ def test_fused_kernels_lower_to_triton(monkeypatch):
     monkeypatch.setattr(moe_pallas, "BLOCK_N", 128)
     monkeypatch.setattr(moe_pallas, "BLOCK_K", 64)
     monkeypatch.setattr(moe_pallas, "TGMM_ROWS", 64)
+    monkeypatch.setattr(moe_pallas, "TGMM_ROWS_PAIR", 128)
     t, d, f, e, k = 256, 256, 128, 4, 2
     sd = jax.ShapeDtypeStruct
     bf = jnp.bfloat16
