@@ -3,8 +3,9 @@
 Qwen3-Next shapes: H = 16 q/k heads, HV = 32 value heads, Dk = Dv = 128, chunk 64; q, k, v, beta
 bf16 (q, k L2-normalised, beta = sigmoid(N(0,1))), g = logsigmoid(U(0,1)) in fp32 (the model
 computes g in fp32, spec §2.4.3). fwd = o only; fwd+bwd = o and the gradients of all five
-inputs for a fixed random cotangent. JAX is timed with jax.block_until_ready over repeated calls
-after warm-up (median); fla with triton.testing.do_bench (median).
+inputs for a fixed random cotangent (both frameworks compute o in it too). JAX is timed in
+batches of 5 calls issued back to back with one jax.block_until_ready per batch, after warm-up
+(median over batches, per call); fla with triton.testing.do_bench (device events, median).
 
     PYTHONUNBUFFERED=1 python bench/delta_rule.py [--shapes 1x8192,1x32768,4x4096,8x4096]
         [--impls pallas,fla,chunk,pallas_opt] [--opt-shapes 1x32768] [--check]
@@ -92,14 +93,19 @@ def to_jax(arrs):
     return bf(q), bf(k), bf(v), jnp.asarray(g), bf(beta), bf(do)
 
 
-def time_jax(f, *args, reps=20, warmup=2):
+def time_jax(f, *args, reps=20, warmup=2, inner=5):
+    """Median over reps of the mean time of `inner` calls issued back to back (one host sync per
+    batch, as a training loop dispatches): GPU time per call including launch gaps, without the
+    ~0.1-0.6 ms of one host round trip per call that a synchronising timer adds (fla's
+    do_bench times with device events, which also leave it out)."""
     for _ in range(warmup):
         jax.block_until_ready(f(*args))
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
+        outs = [f(*args) for _ in range(inner)]
+        jax.block_until_ready(outs)
+        ts.append((time.perf_counter() - t) / inner)
     return 1e3 * float(np.median(ts))
 
 
@@ -118,9 +124,16 @@ def jax_impl(name, tuning=None):
 
 
 def jax_fns(fwd):
+    """Jitted forward, and forward+backward returning (o, gradients): o is returned so that XLA
+    keeps the output kernel, which a gradient-only program drops (o feeds no gradient) and which
+    fla's timed forward+backward also runs (until 2026-11-29 the fwd+bwd rows lacked it)."""
     f = jax.jit(fwd)
-    fb = jax.jit(lambda q, k, v, g, beta, do: jax.vjp(fwd, q, k, v, g, beta)[1](do))
-    return f, fb
+
+    def fwd_bwd(q, k, v, g, beta, do):
+        o, vjp = jax.vjp(fwd, q, k, v, g, beta)
+        return o, vjp(do)
+
+    return f, jax.jit(fwd_bwd)
 
 
 def rel_max(a, b):
@@ -196,7 +209,7 @@ def bench_jax(name, B, T, tuning=None, reps=20):
     compile_s = time.time() - t0
     fwd = time_jax(f, q, k, v, g, beta, reps=reps)
     fwdbwd = time_jax(fb, q, k, v, g, beta, do, reps=reps)
-    grads = fb(q, k, v, g, beta, do)
+    grads = fb(q, k, v, g, beta, do)[1]
     return dict(fwd=fwd, fwdbwd=fwdbwd, compile_s=compile_s), np.asarray(o, np.float32), grads
 
 

@@ -1,0 +1,165 @@
+"""Per-kernel GPU time of one benchmark workload, read from a JAX profiler trace.
+
+    python3 bench/kernel_profile.py moe --tokens 32768 --backend pallas_fused --router pallas
+    python3 bench/kernel_profile.py delta_rule --shape 1x32768 [--tuning '{"bv_seq": 64}']
+    python3 bench/kernel_profile.py moe --set moe_pallas.TGMM_ROWS=128   # a module constant
+
+Runs the workload's jitted step (forward+backward unless --fwd) a few times, traces --steps more
+with jax.profiler, and prints each GPU kernel's time per step (summed over its launches), its
+launch count and share of the summed kernel time, largest first, with the step's wall time and
+the HLO op that launched it. The events come from CUPTI, so the figures are the kernels of the
+real step, fused as XLA fuses them (unlike timing each part jitted alone). With --ptx DIR, XLA
+also dumps the step's PTX there (registers and spills: `ptxas -arch=sm_90a -v DIR/*.ptx`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import glob
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(HERE, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def moe_step(args):
+    """The MoE layer of bench/moe.py (router + routed experts + shared expert)."""
+    import jax
+
+    mb = _bench_module("moe")
+    if args.dry:
+        mb.set_dry_shapes()
+    mb.ROUTER_IMPL = args.router
+    params = mb.init_params(jax.random.key(0), jax.numpy.bfloat16)
+    x, cot = mb.inputs(args.tokens)
+    fwd, grad = mb.make_fns(args.backend)
+    fn = fwd if args.fwd else grad
+    return fn, (params, x, cot)
+
+
+def delta_rule_step(args):
+    """The Gated DeltaNet core of bench/delta_rule.py (Pallas kernels, Qwen3-Next shapes)."""
+    db = _bench_module("delta_rule")
+    b, t = (int(s) for s in args.shape.split("x"))
+    tuning = json.loads(args.tuning) if args.tuning else None
+    q, k, v, g, beta, do = db.to_jax(db.make_inputs(b, t))
+    f, fb = db.jax_fns(db.jax_impl(args.impl, tuning))
+    return (f, (q, k, v, g, beta)) if args.fwd else (fb, (q, k, v, g, beta, do))
+
+
+WORKLOADS = {"moe": moe_step, "delta_rule": delta_rule_step}
+
+
+def _stat(event, name):
+    for key, value in event.stats:
+        if key == name:
+            return value
+    return None
+
+
+def kernel_table(xplane_path, steps):
+    """{kernel name: [total ns, launches, hlo op]} over the GPU planes' stream lines."""
+    from jax.profiler import ProfileData
+
+    table = collections.defaultdict(lambda: [0, 0, ""])
+    for plane in ProfileData.from_file(xplane_path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                row = table[ev.name]
+                row[0] += ev.duration_ns
+                row[1] += 1
+                row[2] = row[2] or str(_stat(ev, "hlo_op") or "")
+    return {k: (ns / steps, n / steps, op) for k, (ns, n, op) in table.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workload", choices=sorted(WORKLOADS))
+    ap.add_argument("--fwd", action="store_true", help="forward only (default forward+backward)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--ptx", default="", help="directory for XLA's dump (PTX of every kernel)")
+    ap.add_argument("--dry", action="store_true", help="moe: tiny shapes (any platform)")
+    ap.add_argument("--tokens", type=int, default=32768, help="moe: tokens")
+    ap.add_argument("--backend", default="pallas_fused", help="moe: routed-experts backend")
+    ap.add_argument("--router", default="pallas", help="moe: router_topk impl")
+    ap.add_argument("--shape", default="1x32768", help="delta_rule: BxT")
+    ap.add_argument("--impl", default="pallas", help="delta_rule: bench impl name")
+    ap.add_argument("--tuning", default="", help="delta_rule: JSON dict of _Cfg options")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help="override a module constant first, e.g. moe_pallas.TGMM_ROWS=128 (a Python literal)",
+    )
+    args = ap.parse_args()
+    for item in args.set:
+        target, value = item.split("=", 1)
+        mod_name, attr = target.rsplit(".", 1)
+        mod = importlib.import_module(f"qwen3next_jax.ops.{mod_name}")
+        if not hasattr(mod, attr):
+            sys.exit(f"--set {item}: {mod.__name__} has no {attr}")
+        setattr(mod, attr, ast.literal_eval(value))
+    if args.ptx:
+        os.makedirs(args.ptx, exist_ok=True)
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.ptx} --xla_dump_hlo_as_text"
+        )
+
+    import jax
+
+    fn, fn_args = WORKLOADS[args.workload](args)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*fn_args))
+    print(f"compile + first run {time.perf_counter() - t0:.1f} s", flush=True)
+    for _ in range(3):
+        jax.block_until_ready(fn(*fn_args))
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        jax.block_until_ready(fn(*fn_args))
+    wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
+
+    trace_dir = tempfile.mkdtemp(prefix="jax_trace_")
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(args.steps):
+        jax.block_until_ready(fn(*fn_args))
+    jax.profiler.stop_trace()
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        sys.exit(f"no .xplane.pb under {trace_dir}: the profiler wrote no trace")
+    rows = sorted(kernel_table(paths[0], args.steps).items(), key=lambda kv: -kv[1][0])
+    total = sum(ns for ns, _, _ in (v for _, v in rows))
+    label = " ".join(sys.argv[1:])
+    print(f"\n{label}: wall {wall_ms:.3f} ms/step (untraced), kernels {total / 1e6:.3f} ms/step")
+    print("| kernel | us/step | launches/step | % | hlo op |\n|---|---|---|---|---|")
+    for name, (ns, n, op) in rows[: args.top]:
+        print(f"| {name[:70]} | {ns / 1e3:.1f} | {n:g} | {100 * ns / total:.1f} | {op[:40]} |")
+    rest = sum(ns for _, (ns, _, _) in rows[args.top :])
+    if rest:
+        print(
+            f"| ({len(rows) - args.top} more) | {rest / 1e3:.1f} | | {100 * rest / total:.1f} | |"
+        )
+
+
+if __name__ == "__main__":
+    main()
