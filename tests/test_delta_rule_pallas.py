@@ -120,6 +120,7 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
         (2, 4, dict(fuse_bwd=True), 8),
         (2, 4, dict(scale_small=False, dvl_in_state=False), 9),
         (2, 4, dict(vn_in_state=True), 8),
+        (2, 4, dict(num_sms=8), 9),  # a grid that fills the GPU: 64-column state passes
     ],
 )
 def test_every_kernel_lowers_to_triton_for_cuda(H, HV, tuning, n_kernels):
@@ -188,3 +189,15 @@ def test_kernels_run_per_batch_shard_under_a_mesh():
     assert rel(o, o_ref) < 1e-6 and rel(s, s_ref) < 1e-6
     for name, a, b in zip(("q", "k", "v", "g", "beta", "state0"), grads, g_ref, strict=True):
         assert rel(a, b) < 1e-6, name
+
+
+def test_auto_launch_config_widens_state_passes_on_full_grids():
+    """bv_seq / warps 0 = auto: 64 columns (4 warps forward, 8 reverse) when B*HV*V/64 programs
+    fill the GPU's multiprocessors, else 32 columns and 4 warps; explicit values win."""
+    base = dict(Tp=64, H=16, HV=32, K=128, V=128, C=64, scale=1.0, store="bfloat16")
+    wide = drp._Cfg(B=8, interpret=False, num_sms=132, **base)
+    assert (wide.BVS, wide.WS, wide.WSB) == (64, 4, 8)
+    narrow = drp._Cfg(B=1, interpret=False, num_sms=132, **base)
+    assert (narrow.BVS, narrow.WS, narrow.WSB) == (32, 4, 4)
+    pinned = drp._Cfg(B=8, interpret=False, bv_seq=32, warps_seq=2, **base)
+    assert (pinned.BVS, pinned.WS, pinned.WSB) == (32, 2, 2)
