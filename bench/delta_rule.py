@@ -116,6 +116,8 @@ def jax_impl(name, tuning=None):
         tuning = {**TUNED, **(tuning or {})}
     if name == "pallas_prev":  # session 2's final config: the inverse recomputed in the backward
         tuning = {**PREV, **(tuning or {})}
+    if name.startswith("pallas_v"):  # --variant-tunings entry number N of "pallas_vN"
+        tuning = {**VARIANT_TUNINGS[int(name[len("pallas_v") :])], **(tuning or {})}
     if name == "chunk":
         return lambda q, k, v, g, beta: dr.chunk_gated_delta_rule(q, k, v, g, beta)[0]
     return lambda q, k, v, g, beta: drp.pallas_gated_delta_rule(
@@ -322,6 +324,7 @@ TUNE_GROUPS = [
 # session 2's final config (the default before session 4)
 PREV = dict(save_tinv=False, inv_power=False, solve_hv=False, warps_intra=4, partials="float32")
 TUNED = {}
+VARIANT_TUNINGS = []  # --variant-tunings: the options of impls pallas_v0, pallas_v1, ...
 
 
 def autotune(B, T, reps):
@@ -477,6 +480,12 @@ def main():
     p.add_argument("--autotune", default="", help="BxT: choose TUNE_GROUPS, then pallas_tuned")
     p.add_argument("--fla-profile", default="", help="BxT: fla's kernels, torch profiler")
     p.add_argument("--tuning", default="", help="JSON dict of _Cfg options for pallas_tuned")
+    p.add_argument(
+        "--variant-tunings",
+        default="[]",
+        help="JSON list of _Cfg option dicts: impls pallas_v0, pallas_v1, ... (rows vs fla)",
+    )
+    p.add_argument("--check-variant", type=int, default=-1, help="--check that variant too")
     p.add_argument("--budget", type=float, default=380.0)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--interpret", action="store_true")
@@ -488,6 +497,7 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     if args.tuning:
         TUNED.update(json.loads(args.tuning))
+    VARIANT_TUNINGS.extend(json.loads(args.variant_tunings))
     late = lambda: time.time() - START > args.budget
     log(f"jax {jax.__version__} devices {jax.devices()} python {platform.python_version()}")
     try:
@@ -563,6 +573,8 @@ def main():
         run_impl(impl)
     if args.check and not args.autotune:
         guarded("check", check)
+        if args.check_variant >= 0:
+            guarded("check variant", check, VARIANT_TUNINGS[args.check_variant])
     if args.fla_profile:
         B, T = (int(x) for x in args.fla_profile.split("x"))
         guarded(f"fla profile {args.fla_profile}", profile_fla, B, T)
