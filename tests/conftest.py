@@ -61,6 +61,21 @@ _COST = {
 }
 
 
+@pytest.fixture(scope="session")
+def small_train_run(tmp_path_factory):
+    """test_train's SMALL run trained by train.py to step 12 (checkpoints at 6 and 12): the
+    command-line tests that need a trained workdir share this one train.py run (both are in the
+    "SMALL run, 8 devices" unit, so on one worker) instead of training one each. Returns the workdir
+    and the finished process; a test copies the workdir before it writes to it."""
+    from test_train import _train_env, _train_run
+
+    workdir = str(tmp_path_factory.mktemp("small_run") / "run")
+    proc = _train_run(
+        _train_env(), workdir, "--config.train_steps=12", "--config.checkpoint_every=6"
+    )
+    return workdir, proc
+
+
 def unit_of(nodeid: str) -> str:
     return _UNIT_OF.get(nodeid.split("[")[0], nodeid.split("::")[0])
 

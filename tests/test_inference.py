@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -259,20 +260,19 @@ def test_eval_cli_errors_are_one_sentence(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_after_short_training(tmp_path):
-    # test_train's SMALL run on its 8 fake devices: conftest.py runs this test on the worker that
-    # runs test_train's SMALL-run tests, one after the other, so train.py finds its compiled init,
-    # train and eval steps in the persistent cache. eval.py then runs on one device.
-    from test_train import _train_env, _train_run
-
-    workdir = str(tmp_path / "run")
-    r = _train_run(_train_env(), workdir, "--config.train_steps=4", "--config.checkpoint_every=4")
+def test_eval_after_short_training(small_train_run, tmp_path):
+    # test_train's SMALL run, trained by train.py on its 8 fake devices to step 12: conftest.py's
+    # session fixture, shared with test_train's command-line test (one worker runs both). eval.py
+    # then runs on one device, in a copy of the workdir (this test rewrites its config.json).
+    shared, r = small_train_run
     assert r.returncode == 0, r.stderr[-2000:]
+    workdir = str(tmp_path / "run")
+    shutil.copytree(shared, workdir)
     r = _run_eval(f"--workdir={workdir}")
     assert r.returncode == 0, r.stderr[-2000:]
     with open(os.path.join(workdir, "eval.json")) as f:
         ev = json.load(f)
-    assert ev["step"] == 4 and np.isfinite(ev["loss"])
+    assert ev["step"] == 12 and np.isfinite(ev["loss"])
     assert abs(ev["perplexity"] - np.exp(ev["loss"])) < 1e-6 * ev["perplexity"]
     assert "perplexity" in r.stdout
     r = _run_eval(
