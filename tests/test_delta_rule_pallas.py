@@ -50,10 +50,6 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
         dict(partials="bfloat16"),
         dict(scale_small=False),
         dict(vn_in_state=True),
-        dict(solve_scratch=True, save_tinv=False),
-        dict(solve_scratch=True, solve_wu=True),
-        dict(wy_from_inputs=True),
-        dict(wy_from_inputs=True, wy_hv=False),
     ],
 )
 def test_kernel_options_match_reference(tuning):
@@ -62,8 +58,7 @@ def test_kernel_options_match_reference(tuning):
     blocks, XLA gates, dq/dk and WY fused in one kernel, the inverse recomputed in the
     backward, row substitution, the inverse on a key-head grid, bf16 dq/dk partials (their
     gradients to bf16 accuracy), gates applied to q and k in the state passes, v_new inside the
-    reverse pass, the inverse from one k k^T product through a scratch buffer (also rerun in
-    the backward; and with W, U fused), the WY backward's dA without W and U. Segments and pad."""
+    reverse pass. Segments and pad."""
     q, k, v, g, beta, s0 = make_inputs(26, B=2, T=100, H=2, HV=4)
     seg = np.zeros((2, 100), np.int32)
     seg[0, :20], seg[0, 20:64], seg[0, 64:70], seg[0, 75:] = 1, 2, 3, 4
@@ -126,9 +121,6 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
         (2, 4, dict(scale_small=False, dvl_in_state=False), 9),
         (2, 4, dict(vn_in_state=True), 8),
         (2, 4, dict(num_sms=8), 9),  # a grid that fills the GPU: 64-column state passes
-        (2, 4, dict(solve_scratch=True), 9),
-        (2, 4, dict(solve_scratch=True, solve_wu=True), 8),
-        (2, 4, dict(wy_from_inputs=True), 9),
     ],
 )
 def test_every_kernel_lowers_to_triton_for_cuda(H, HV, tuning, n_kernels):

@@ -106,12 +106,6 @@ class _Cfg:
     # state passes: apply the gates to the [C, BV] operands / results of their products instead
     # of scaling q and k ([C, K]) first, so q and k feed the products straight from memory
     scale_small: bool = True
-    # inverse kernel forming A with one C-row product into a float32 scratch buffer (value-head
-    # grid), and solve_wu: W, U in the same kernel from the inverse it just wrote
-    solve_scratch: bool = False
-    # WY backward forms dA from its inputs and Tinv (fla's form) instead of reading W and U
-    wy_from_inputs: bool = False
-    solve_wu: bool = False
     # v_new recomputed inside the reverse state pass (with dvl_in_state) instead of its own
     # kernel. Off: with 3 stages the pass exceeds shared memory on an H200, and with 2 it took
     # 2.06 ms at B1 T32K against 1.11 + 0.34 for the pass and the v_new kernel (2026-11-29)
@@ -264,13 +258,6 @@ def _wy_blocks(k_blocks, g_blocks, b_blocks, s_blocks, kk, dtype, power=False, f
                 mask = mask & (rows > cols)
             L[i, j] = _masked_exp(mask, g_blocks[i][:, None] - g_blocks[j][None, :])
             A[i, j] = b_blocks[i][:, None] * kk[i, j] * L[i, j]
-    return L, A, _invert_blocks(A, nb, n, power, f32)
-
-
-def _invert_blocks(A, nb, n, power=False, f32=None):
-    """Tinv = (I + A)^-1 as a dict of fp32 [n, n] blocks over i >= j, from the blocks A[i, j]
-    (i >= j) of a strictly lower A. power / f32: as in _wy_blocks."""
-    rows, cols = _iota((n, n), 0), _iota((n, n), 1)
     # Forward substitution in all diagonal blocks at once, row by row: row r of (Tinv - I) is
     # a_r + a_r @ (Tinv - I) with a_r = -A[r, :r]; rows above r are final, rows below still
     # hold -A and are not read (a_r is zero there). Rows 0 and 1 are final from the start. A
@@ -297,7 +284,7 @@ def _invert_blocks(A, nb, n, power=False, f32=None):
             for m in range(j + 1, i):
                 acc = acc + _mm(A[i, m], Ti[m, j], _F32, f32=f32)
             Ti[i, j] = -_mm(Ti[i, i], acc, _F32, f32=f32)
-    return Ti
+    return L, A, Ti
 
 
 def _kk_blocks(k_blocks, dtype):
@@ -397,38 +384,6 @@ def _solve_kernel(k_ref, g_ref, b_ref, s_ref, tinv_ref, *, cfg):
             k_blocks, g_blocks, b_blocks, s_blocks, kk, dt, cfg.inv_power, cfg.inv_precision
         )
         _store_inverse(tinv_ref, r, Ti, blk, nb, n)
-
-
-def _solve_scratch_kernel(k_ref, g_ref, b_ref, s_ref, *refs, cfg):
-    """One chunk of one value head: (I + A)^-1 with A = beta (k k^T) L formed by one C-row
-    tensor-core product and written to a float32 scratch block, whose n-row pieces the
-    sub-blocked inverse then reads back (fla's kkt + solve structure): no per-piece k k^T
-    products, and k's tile is dead before the inverse starts. refs: tinv_ref, a_ref, or with
-    cfg.solve_wu also v_ref first and w_ref, u_ref last (W, U from the inverse just written)."""
-    refs = list(refs)
-    v_ref = refs.pop(0) if cfg.solve_wu else None
-    tinv_ref, a_ref, *wu_refs = refs
-    n, nb, dt, C = cfg.sub, cfg.C // cfg.sub, cfg.dtype, cfg.C
-    blk = lambda i: pl.ds(i * n, n)  # noqa: E731
-    g_C, b_C, seg_C = g_ref[...], b_ref[...], s_ref[...]
-    strict = (seg_C[:, None] == seg_C[None, :]) & (_iota((C, C), 0) > _iota((C, C), 1))
-    L_CC = _masked_exp(strict, g_C[:, None] - g_C[None, :])
-    k_CK = k_ref[...]
-    a_ref[...] = b_C[:, None] * _mm(k_CK, k_CK, dt, tb=True) * L_CC
-    _barrier(cfg)  # the pieces below are read by other threads than wrote them
-    A = {(i, j): a_ref[blk(i), blk(j)] for i in range(nb) for j in range(i + 1)}
-    Ti = _invert_blocks(A, nb, n, cfg.inv_power, cfg.inv_precision)
-    _store_inverse(tinv_ref, None, Ti, blk, nb, n)
-    if cfg.solve_wu:
-        _barrier(cfg)
-        _wu_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, tinv_ref, *wu_refs, cfg=cfg)
-
-
-def _barrier(cfg):
-    """Block-wide barrier between global-memory writes and reads of one program (a no-op when
-    interpreting: there every store is visible at once)."""
-    if not cfg.interpret:
-        plt.debug_barrier()
 
 
 def _wu_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, tinv_ref, w_ref, u_ref, *, cfg):
@@ -621,26 +576,20 @@ def _wy_bwd_kernel(
         # d(rhs) = Tinv^T d(solution)
         dvb_CV = _mm(Ti_CC, dU_CV, dt, ta=True)
         dkbg_CK = _mm(Ti_CC, dW_CK, dt, ta=True)
-        gexp_C = _masked_exp(seg_C == 0, g_C)
-        v32 = v_ref[:, r, :].astype(_F32)
-        # dA = -(dVb U^T + dKbg W^T) = -Tinv^T (dU Vb^T + dW Kbg^T) Tinv^T; entries outside
-        # A's pattern meet L = 0 below. wy_from_inputs takes the second form (fla's): two more
-        # C x C products instead of reading U and W ([C, V] + [C, K] per program).
-        if cfg.wy_from_inputs:
-            X_CC = _mm(dU_CV, b_C[:, None] * v32, dt, tb=True) + _mm(
-                dW_CK, (b_C * gexp_C)[:, None] * k32, dt, tb=True
-            )
-            dA_CC = -_mm(_mm(Ti_CC, X_CC, dt, ta=True), Ti_CC, dt, tb=True)
-        else:
-            dA_CC = -(
-                _mm(dvb_CV, u_ref[:, r, :], dt, tb=True) + _mm(dkbg_CK, w_ref[:, r, :], dt, tb=True)
-            )
+        # dA = -(dVb U^T + dKbg W^T); entries outside A's pattern meet L = 0 below. (fla's form
+        # -Tinv^T (dU Vb^T + dW Kbg^T) Tinv^T reads neither U nor W, but took 16% longer end to
+        # end on an H200: option wy_from_inputs of commit 33cde49, RESULTS.md session 5.)
+        dA_CC = -(
+            _mm(dvb_CV, u_ref[:, r, :], dt, tb=True) + _mm(dkbg_CK, w_ref[:, r, :], dt, tb=True)
+        )
         dAkkL_CC = dA_CC * kkL_CC
         dKK_CC = dA_CC * b_C[:, None] * L_CC
         dk_CK = dk_CK + _mm(dKK_CC, k_CK, dt) + _mm(dKK_CC, k_CK, dt, ta=True)
         P_CC = dAkkL_CC * b_C[:, None]  # dA * A
+        gexp_C = _masked_exp(seg_C == 0, g_C)
         kg_sum = gexp_C * jnp.sum(dkbg_CK * k32, axis=1)  # sum(dkbg * e^gamma k)
         dk_CK = dk_CK + (b_C * gexp_C)[:, None] * dkbg_CK
+        v32 = v_ref[:, r, :].astype(_F32)
         dv_ref[:, r, :] = (b_C[:, None] * dvb_CV).astype(dv_ref.dtype)
         db_ref[r, :] = jnp.sum(dAkkL_CC, axis=1) + jnp.sum(dvb_CV * v32, axis=1) + kg_sum
         dg_ref[r, :] = jnp.sum(P_CC, axis=1) - jnp.sum(P_CC, axis=0) + b_C * kg_sum
@@ -783,37 +732,7 @@ def _gates_bwd(cfg, seg, cts):
 _gates.defvjp(_gates_fwd, _gates_bwd)
 
 
-def _solve_scratch(cfg, k, gamma, beta, seg, v=None):
-    """tinv (and with cfg.solve_wu and v given: w, u, tinv) by _solve_scratch_kernel."""
-    B, Tp, HV, K, V, C, R = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.C, cfg.R
-    spec = pl.BlockSpec
-    wu = cfg.solve_wu and v is not None
-    c_spec = spec((None, None, C), lambda b, j, n: (b, j, n))
-    cc_spec = spec((None, None, C, C), lambda b, j, n: (b, j, n, 0))
-    cv_spec = spec((None, C, None, V), lambda b, j, n: (b, n, j, 0))
-    ck_spec = spec((None, C, None, K), lambda b, j, n: (b, n, j, 0))
-    outs = _call(
-        _solve_scratch_kernel,
-        dataclasses.replace(cfg, solve_wu=wu),
-        (B, HV, cfg.N),
-        [
-            spec((None, C, None, K), lambda b, j, n: (b, n, j // R, 0)),
-            c_spec,
-            c_spec,
-            spec((None, C), lambda b, j, n: (b, n)),
-            *([cv_spec] if wu else []),
-        ],
-        [cc_spec, cc_spec] + ([ck_spec, cv_spec] if wu else []),
-        [_sds((B, HV, Tp, C), cfg.dtype), _sds((B, HV, Tp, C), _F32)]
-        + ([_sds((B, Tp, HV, K), cfg.dtype), _sds((B, Tp, HV, V), cfg.dtype)] if wu else []),
-        num_warps=cfg.warps_intra,
-    )(k, gamma, beta, seg, *([v] if wu else []))
-    return (outs[2], outs[3], outs[0]) if wu else outs[0]
-
-
 def _solve(cfg, k, gamma, beta, seg):
-    if cfg.solve_scratch:
-        return _solve_scratch(cfg, k, gamma, beta, seg)
     B, Tp, HV, K, C, R = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.C, cfg.R
     spec = pl.BlockSpec
     # key-head grid (R value heads a program) or, solve_hv, value-head grid
@@ -863,9 +782,6 @@ def _wu(cfg, k, v, gamma, beta, seg, tinv):
 def _intra(cfg, k, v, gamma, beta, seg, with_tinv=False):
     """W, U (and with_tinv the stored inverse): one fused kernel, or with cfg.split_intra the
     inverse kernel then whole-chunk W, U products."""
-    if cfg.split_intra and cfg.solve_scratch and cfg.solve_wu:
-        w, u, tinv = _solve_scratch(cfg, k, gamma, beta, seg, v)
-        return (w, u, tinv) if with_tinv else (w, u)
     if cfg.split_intra:
         tinv = _solve(cfg, k, gamma, beta, seg)
         w, u = _wu(cfg, k, v, gamma, beta, seg, tinv)
