@@ -8,8 +8,9 @@ Runs the workload's jitted step (forward+backward unless --fwd) a few times, tra
 with jax.profiler, and prints each GPU kernel's time per step (summed over its launches), its
 launch count and share of the summed kernel time, largest first, with the step's wall time and
 the HLO op that launched it. The events come from CUPTI, so the figures are the kernels of the
-real step, fused as XLA fuses them (unlike timing each part jitted alone). With --ptx DIR, XLA
-also dumps the step's PTX there (registers and spills: `ptxas -arch=sm_90a -v DIR/*.ptx`).
+real step, fused as XLA fuses them (unlike timing each part jitted alone). --dump DIR passes
+--xla_dump_to=DIR (HLO text of the step; on JAX 0.11.2 it held no PTX of the Pallas kernels:
+for registers and occupancy use Nsight Compute, see bench/ncu_delta_rule.py).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def main():
     ap.add_argument("--fwd", action="store_true", help="forward only (default forward+backward)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=40)
-    ap.add_argument("--ptx", default="", help="directory for XLA's dump (PTX of every kernel)")
+    ap.add_argument("--dump", default="", help="directory for XLA's dump (HLO text)")
     ap.add_argument("--dry", action="store_true", help="moe: tiny shapes (any platform)")
     ap.add_argument("--tokens", type=int, default=32768, help="moe: tokens")
     ap.add_argument("--backend", default="pallas_fused", help="moe: routed-experts backend")
@@ -120,10 +121,10 @@ def main():
         if not hasattr(mod, attr):
             sys.exit(f"--set {item}: {mod.__name__} has no {attr}")
         setattr(mod, attr, ast.literal_eval(value))
-    if args.ptx:
-        os.makedirs(args.ptx, exist_ok=True)
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
         os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.ptx} --xla_dump_hlo_as_text"
+            os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump} --xla_dump_hlo_as_text"
         )
 
     import jax
