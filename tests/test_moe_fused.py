@@ -90,10 +90,13 @@ def test_fused_matches_dense_reference(kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_matches_unfused_pallas(dtype):
+def test_fused_matches_unfused_pallas(dtype, monkeypatch):
     """Same kernels, same layout: the fused and the materialised paths agree closely (bf16 rounds
-    w * h instead of y, hence not bitwise)."""
+    w * h instead of y, hence not bitwise). The float32 case runs the fused down backward with
+    narrower column blocks than the other kernels (more dL/dw partials to sum)."""
     dt = jnp.dtype(dtype)
+    if dt == jnp.float32:
+        monkeypatch.setattr(moe_pallas, "DOWN_BWD_BLOCK_N", moe_pallas.BLOCK_N // 2)
     args = _inputs(dt, "random", seed=3)
     _assert_close(
         _run("pallas_fused", args), _run("pallas", args), 1e-5 if dt == jnp.float32 else 2e-2

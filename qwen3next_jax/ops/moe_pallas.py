@@ -41,6 +41,10 @@ TGMM_ROWS = 64  # rows per step of the per-expert weight-gradient loop (divides 
 # ... of the dW_gate/dW_up loop (two accumulators; 128 rows: 4.40 -> 4.06 ms at 32K tokens on an
 # H200, while dW_down with 128 rows went 1.88 -> 2.55 ms)
 TGMM_ROWS_PAIR = 128
+# Output columns of the fused down-backward kernel (None: BLOCK_N). Its swiglu-backward epilogue
+# on [128, 128] fp32 tiles spills 548 B per thread at sm_90a, 8 B with 64 columns
+# (bench/triton_offline.py), at twice the gathered reads of the output cotangent; not yet timed.
+DOWN_BWD_BLOCK_N = None
 NUM_WARPS = 8
 NUM_STAGES = 3
 
@@ -408,10 +412,10 @@ def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals):
 
 
 def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF):
-    """dg, du [R, F] in g's dtype; gw [F / BLOCK_N, R] fp32, each column block's share of dL/dw."""
+    """dg, du [R, F] in g's dtype; gw [F / bn, R] fp32, each column block's share of dL/dw."""
     r, f = g_RF.shape
     d = gy_TD.shape[1]
-    bm, bn, bk = TILE_M, _block(f, BLOCK_N), _block(d, BLOCK_K)
+    bm, bn, bk = TILE_M, _block(f, DOWN_BWD_BLOCK_N or BLOCK_N), _block(d, BLOCK_K)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
     out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
