@@ -66,6 +66,17 @@ def delta_rule_step(args):
 WORKLOADS = {"moe": moe_step, "delta_rule": delta_rule_step}
 
 
+def apply_overrides(items):
+    """--set MODULE.NAME=VALUE: sets constant NAME of qwen3next_jax.ops.MODULE to a literal."""
+    for item in items:
+        target, value = item.split("=", 1)
+        mod_name, attr = target.rsplit(".", 1)
+        mod = importlib.import_module(f"qwen3next_jax.ops.{mod_name}")
+        if not hasattr(mod, attr):
+            sys.exit(f"--set {item}: {mod.__name__} has no {attr}")
+        setattr(mod, attr, ast.literal_eval(value))
+
+
 def _stat(event, name):
     for key, value in event.stats:
         if key == name:
@@ -114,13 +125,7 @@ def main():
         help="override a module constant first, e.g. moe_pallas.TGMM_ROWS=128 (a Python literal)",
     )
     args = ap.parse_args()
-    for item in args.set:
-        target, value = item.split("=", 1)
-        mod_name, attr = target.rsplit(".", 1)
-        mod = importlib.import_module(f"qwen3next_jax.ops.{mod_name}")
-        if not hasattr(mod, attr):
-            sys.exit(f"--set {item}: {mod.__name__} has no {attr}")
-        setattr(mod, attr, ast.literal_eval(value))
+    apply_overrides(args.set)
     if args.dump:
         os.makedirs(args.dump, exist_ok=True)
         os.environ["XLA_FLAGS"] = (

@@ -17,8 +17,6 @@ ones there. Spilled bytes are the first thing to look at before spending device 
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import json
 import os
 import re
@@ -29,6 +27,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+from kernel_profile import apply_overrides  # noqa: E402
 
 # Runs under --triton-python: compiles each TTIR file for sm_90a, prints one JSON line a kernel.
 COMPILE = r"""
@@ -155,13 +155,7 @@ def main():
     ap.add_argument("--ptxas", default="", help="ptxas (default: PATH, then triton's own)")
     ap.add_argument("--keep", default="", help="directory to keep the .ttir / .ptx files in")
     args = ap.parse_args()
-    for item in args.set:
-        target, value = item.split("=", 1)
-        mod_name, attr = target.rsplit(".", 1)
-        mod = importlib.import_module(f"qwen3next_jax.ops.{mod_name}")
-        if not hasattr(mod, attr):
-            sys.exit(f"--set {item}: {mod.__name__} has no {attr}")
-        setattr(mod, attr, ast.literal_eval(value))
+    apply_overrides(args.set)
     probe = subprocess.run(
         [args.triton_python, "-c", "import triton, os; print(os.path.dirname(triton.__file__))"],
         capture_output=True,

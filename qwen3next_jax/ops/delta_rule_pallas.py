@@ -563,17 +563,40 @@ def _wy_bwd_kernel(
     """
     C, dt = cfg.C, cfg.dtype
     k_CK = k_ref[...]
-    k32 = k_CK.astype(_F32)
+    # (wy_compact forms these where they are used, per value head)
+    k32 = None if cfg.wy_compact else k_CK.astype(_F32)
     seg_C = s_ref[...]
-    kk_CC = _mm(k_CK, k_CK, dt, tb=True)
+    kk_CC = None if cfg.wy_compact else _mm(k_CK, k_CK, dt, tb=True)
     rows, cols = _iota((C, C), 0), _iota((C, C), 1)
     strict = (seg_C[:, None] == seg_C[None, :]) & (rows > cols)
     dk_CK = jnp.zeros((C, cfg.K), _F32)
     for r in range(1 if cfg.wy_hv else cfg.R):
         g_C, b_C = g_ref[r, :], b_ref[r, :]
-        L_CC = _masked_exp(strict, g_C[:, None] - g_C[None, :])
-        kkL_CC = kk_CC * L_CC
+        if not cfg.wy_compact:
+            L_CC = _masked_exp(strict, g_C[:, None] - g_C[None, :])
+            kkL_CC = kk_CC * L_CC
         Ti_CC = tinv_ref[r, :, :]
+        if cfg.wy_compact:
+            # The products below in an order that uses each [C, 128] fp32 tile up soon after it
+            # is made (dv, its share of dbeta and of dA before dKbg exists): few live at once.
+            gexp_C = _masked_exp(seg_C == 0, g_C)
+            dU_CV = dvn_ref[:, r, :]
+            dvb_CV = _mm(Ti_CC, dU_CV, dt, ta=True)
+            dv_ref[:, r, :] = (b_C[:, None] * dvb_CV).astype(dv_ref.dtype)
+            db_v = jnp.sum(dvb_CV * v_ref[:, r, :].astype(_F32), axis=1)
+            dA_CC = -_mm(dvb_CV, u_ref[:, r, :], dt, tb=True)
+            dkbg_CK = _mm(Ti_CC, -_mm(dU_CV, st_ref[r, :, :], dt, tb=True), dt, ta=True)
+            dA_CC = dA_CC - _mm(dkbg_CK, w_ref[:, r, :], dt, tb=True)
+            kg_sum = gexp_C * jnp.sum(dkbg_CK * k_CK.astype(_F32), axis=1)  # sum(dkbg e^gamma k)
+            dk_CK = dk_CK + (b_C * gexp_C)[:, None] * dkbg_CK
+            L_CC = _masked_exp(strict, g_C[:, None] - g_C[None, :])
+            dAkkL_CC = dA_CC * _mm(k_CK, k_CK, dt, tb=True) * L_CC
+            dKK_CC = dA_CC * b_C[:, None] * L_CC
+            dk_CK = dk_CK + _mm(dKK_CC, k_CK, dt) + _mm(dKK_CC, k_CK, dt, ta=True)
+            P_CC = dAkkL_CC * b_C[:, None]  # dA * A
+            db_ref[r, :] = jnp.sum(dAkkL_CC, axis=1) + db_v + kg_sum
+            dg_ref[r, :] = jnp.sum(P_CC, axis=1) - jnp.sum(P_CC, axis=0) + b_C * kg_sum
+            continue
         dU_CV = dvn_ref[:, r, :]
         dW_CK = -_mm(dU_CV, st_ref[r, :, :], dt, tb=True)
         # d(rhs) = Tinv^T d(solution)
@@ -595,63 +618,6 @@ def _wy_bwd_kernel(
         v32 = v_ref[:, r, :].astype(_F32)
         dv_ref[:, r, :] = (b_C[:, None] * dvb_CV).astype(dv_ref.dtype)
         db_ref[r, :] = jnp.sum(dAkkL_CC, axis=1) + jnp.sum(dvb_CV * v32, axis=1) + kg_sum
-        dg_ref[r, :] = jnp.sum(P_CC, axis=1) - jnp.sum(P_CC, axis=0) + b_C * kg_sum
-    dk_ref[...] = dk_CK.astype(dk_ref.dtype)
-
-
-def _wy_bwd_compact_kernel(
-    k_ref,
-    v_ref,
-    g_ref,
-    b_ref,
-    s_ref,
-    w_ref,
-    u_ref,
-    tinv_ref,
-    st_ref,
-    dvn_ref,
-    dk_ref,
-    dv_ref,
-    db_ref,
-    dg_ref,
-    *,
-    cfg,
-):
-    """_wy_bwd_kernel with its steps in another order (cfg.wy_compact; same products, k k^T once
-    per value head): each [C, 128] fp32 tile is used up soon after it is made, so few are live
-    at once. Compiled for sm_90a (bench/triton_offline.py) it spills 20 B per thread instead of
-    1244; not yet timed on a GPU."""
-    C, dt = cfg.C, cfg.dtype
-    k_CK = k_ref[...]
-    seg_C = s_ref[...]
-    rows, cols = _iota((C, C), 0), _iota((C, C), 1)
-    strict = (seg_C[:, None] == seg_C[None, :]) & (rows > cols)
-    dk_CK = jnp.zeros((C, cfg.K), _F32)
-    for r in range(1 if cfg.wy_hv else cfg.R):
-        g_C, b_C = g_ref[r, :], b_ref[r, :]
-        Ti_CC = tinv_ref[r, :, :]
-        gexp_C = _masked_exp(seg_C == 0, g_C)
-        # Each [C, 128] fp32 tile is used up right after it is made (dv, its share of dbeta and
-        # dA before dKbg exists), so few are live at once.
-        # d(rhs) = Tinv^T d(solution)
-        dU_CV = dvn_ref[:, r, :]
-        dvb_CV = _mm(Ti_CC, dU_CV, dt, ta=True)
-        dv_ref[:, r, :] = (b_C[:, None] * dvb_CV).astype(dv_ref.dtype)
-        db_v = jnp.sum(dvb_CV * v_ref[:, r, :].astype(_F32), axis=1)
-        # dA = -(dVb U^T + dKbg W^T); entries outside A's pattern meet L = 0 below. (fla's form
-        # -Tinv^T (dU Vb^T + dW Kbg^T) Tinv^T reads neither U nor W, but took 16% longer end to
-        # end on an H200: option wy_from_inputs of commit 33cde49, RESULTS.md session 5.)
-        dA_CC = -_mm(dvb_CV, u_ref[:, r, :], dt, tb=True)
-        dkbg_CK = _mm(Ti_CC, -_mm(dU_CV, st_ref[r, :, :], dt, tb=True), dt, ta=True)
-        dA_CC = dA_CC - _mm(dkbg_CK, w_ref[:, r, :], dt, tb=True)
-        kg_sum = gexp_C * jnp.sum(dkbg_CK * k_CK.astype(_F32), axis=1)  # sum(dkbg e^gamma k)
-        dk_CK = dk_CK + (b_C * gexp_C)[:, None] * dkbg_CK
-        L_CC = _masked_exp(strict, g_C[:, None] - g_C[None, :])
-        dAkkL_CC = dA_CC * _mm(k_CK, k_CK, dt, tb=True) * L_CC
-        dKK_CC = dA_CC * b_C[:, None] * L_CC
-        dk_CK = dk_CK + _mm(dKK_CC, k_CK, dt) + _mm(dKK_CC, k_CK, dt, ta=True)
-        P_CC = dAkkL_CC * b_C[:, None]  # dA * A
-        db_ref[r, :] = jnp.sum(dAkkL_CC, axis=1) + db_v + kg_sum
         dg_ref[r, :] = jnp.sum(P_CC, axis=1) - jnp.sum(P_CC, axis=0) + b_C * kg_sum
     dk_ref[...] = dk_CK.astype(dk_ref.dtype)
 
@@ -1065,7 +1031,7 @@ def _wy_bwd(cfg, k, v, gamma, beta, seg, w, u, tinv, states, dvn):
     nh = HV if cfg.wy_hv else H
     pdt = cfg.partial_dtype if cfg.wy_hv else _F32
     return _call(
-        _wy_bwd_compact_kernel if cfg.wy_compact else _wy_bwd_kernel,
+        _wy_bwd_kernel,
         cfg,
         sp["grid"],
         [
