@@ -48,7 +48,7 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
         dict(split_intra=False, inv_power=True),
         dict(solve_hv=False, inv_power=False, warps_intra=4),
         dict(partials="bfloat16"),
-        dict(scale_small=False, vn_in_state=True, wy_compact=True),  # independent paths
+        dict(wy_compact=True),
         dict(wy_hv=False, wy_compact=True),
     ],
 )
@@ -57,8 +57,7 @@ def test_kernel_options_match_reference(tuning):
     separate dv_local kernel, key-head grids for the dq/dk and WY kernels, dq/dk walking V in
     blocks, XLA gates, dq/dk and WY fused in one kernel, the inverse recomputed in the
     backward, row substitution, the inverse on a key-head grid, bf16 dq/dk partials (their
-    gradients to bf16 accuracy), gates applied to q and k in the state passes, v_new inside the
-    reverse pass, the reordered WY backward (both grids). Segments and pad."""
+    gradients to bf16 accuracy), the reordered WY backward (both grids). Segments and pad."""
     q, k, v, g, beta, s0 = make_inputs(26, B=2, T=100, H=2, HV=4)
     seg = np.zeros((2, 100), np.int32)
     seg[0, :20], seg[0, 20:64], seg[0, 64:70], seg[0, 75:] = 1, 2, 3, 4
@@ -118,8 +117,6 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
         (2, 4, dict(dvl_in_state=False), 9),
         (2, 4, dict(dqk_hv=False, wy_hv=False), 9),
         (2, 4, dict(fuse_bwd=True), 8),
-        (2, 4, dict(scale_small=False, dvl_in_state=False), 9),
-        (2, 4, dict(vn_in_state=True), 8),
         (2, 4, dict(num_sms=8, wy_compact=True), 9),  # 64-column state passes, compact WY
     ],
 )
@@ -127,8 +124,7 @@ def test_every_kernel_lowers_to_triton_for_cuda(H, HV, tuning, n_kernels):
     """The Qwen3-Next shape (Dk = Dv = 128, HV = 2H, bf16, C = 64) through forward and backward:
     every pallas_call must lower to Triton IR (power-of-two tensors, supported primitives).
     4 forward kernels (inverse, W/U, state pass, output) and 5 backward ones (W/U from the saved
-    inverse, v_new, reverse state pass, dq/dk, WY; save_tinv=False reruns the inverse too,
-    vn_in_state=True computes v_new in the reverse pass);
+    inverse, v_new, reverse state pass, dq/dk, WY; save_tinv=False reruns the inverse too);
     with HV a power of two >= 16 also the gates kernel and its backward (else XLA computes the
     gates); split_intra=False: the forward's intra is one kernel."""
     spec = jax.ShapeDtypeStruct

@@ -103,20 +103,9 @@ class _Cfg:
     # dtype of the per-value-head dq, dk partials of the value-head grids, summed in fp32 by
     # XLA: "auto" is the storage dtype (bf16 partials halve that round trip's bytes)
     partials: str = "auto"
-    # state passes: apply the gates to the [C, BV] operands / results of their products instead
-    # of scaling q and k ([C, K]) first, so q and k feed the products straight from memory
-    scale_small: bool = True
-    # v_new recomputed inside the reverse state pass (with dvl_in_state) instead of its own
-    # kernel. Off: with 3 stages the pass exceeds shared memory on an H200, and with 2 it took
-    # 2.06 ms at B1 T32K against 1.11 + 0.34 for the pass and the v_new kernel (2026-11-29)
-    vn_in_state: bool = False
     # the WY backward's steps reordered so few [C, 128] fp32 tiles are live at once (sm_90a
     # compile: 20 B of spills per thread instead of 1244); off until timed on a GPU
     wy_compact: bool = False
-
-    @property
-    def vn_pass(self):
-        return self.vn_in_state and self.dvl_in_state
 
     @property
     def R(self):
@@ -410,10 +399,9 @@ def _state_fwd_kernel(
         _, _, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
         vn_CV = u_ref[rows, :].astype(_F32) - _mm(w_ref[rows, :], S_KV, dt)
         vn_ref[rows, :] = vn_CV.astype(vn_ref.dtype)
-        if cfg.scale_small:  # decay on the [C, BV] operand; k goes from memory to the product
-            return passes * S_KV + _mm(k_ref[rows, :], kdec_C[:, None] * vn_CV, dt, ta=True)
-        kd_CK = k_ref[rows, :].astype(_F32) * kdec_C[:, None]
-        return passes * S_KV + _mm(kd_CK, vn_CV, dt, ta=True)
+        # the decay on the [C, BV] side, so k goes from memory straight to the product (scaling
+        # k first cost 0.77 against 0.65 ms at B1 T32K on an H200)
+        return passes * S_KV + _mm(k_ref[rows, :], kdec_C[:, None] * vn_CV, dt, ta=True)
 
     final_ref[...] = jax.lax.fori_loop(0, cfg.N, body, s0_ref[...].astype(_F32))
 
@@ -445,26 +433,23 @@ def _dv_local_kernel(
 def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, s_ref, do_ref, *refs, cfg):
     """Reverse pass for one value head and one V block: dS_KV is d(state after chunk n).
 
-    refs: (dvl_ref,) (u_ref, st_ref,) dfin_ref, dst_ref, dvn_ref, ds0_ref (, vn_ref). With
-    cfg.dvl_in_state there is no dvl_ref: the chunk-local dv = scale (q k^T . L)^T do is computed
-    here; with cfg.vn_in_state, v_new = U - W S is recomputed here from the saved chunk-start
-    states and written to vn_ref (no separate v_new kernel). Neither depends on the carried dS,
-    so both fill issue slots of a loop that waits on its chain of dependent products.
+    refs: (dvl_ref,) dfin_ref, dst_ref, dvn_ref, ds0_ref; with cfg.dvl_in_state there is no
+    dvl_ref and the chunk-local dv = scale (q k^T . L)^T do is computed here, off the chain of
+    dependent products the pass waits on. The gates go on the [C, BV] operands and results, not
+    on q and k, which thus go from memory straight to the products (1.96 -> 1.11 ms at B1 T32K
+    on an H200). (v_new recomputed in this loop instead of its own kernel was slower: 2.06 ms
+    with 2 pipeline stages, and 3 no longer fit in shared memory.)
     """
     C, K, N, dt = cfg.C, cfg.K, cfg.N, cfg.dtype
-    refs = list(refs)
-    dvl_ref = None if cfg.dvl_in_state else refs.pop(0)
-    u_ref, st_ref = (refs.pop(0), refs.pop(0)) if cfg.vn_pass else (None, None)
-    dfin_ref, dst_ref, dvn_ref, ds0_ref, *vn_refs = refs
+    if cfg.dvl_in_state:
+        dfin_ref, dst_ref, dvn_ref, ds0_ref = refs
+    else:
+        dvl_ref, dfin_ref, dst_ref, dvn_ref, ds0_ref = refs
 
     def body(i, dS_KV):
         n = N - 1 - i
         rows = pl.ds(pl.multiple_of(n * C, C), C)
-        krows = pl.ds(pl.multiple_of(n * K, K), K)
-        dst_ref[krows, :] = dS_KV.astype(dst_ref.dtype)
-        if cfg.vn_pass:
-            vn_CV = u_ref[rows, :].astype(_F32) - _mm(w_ref[rows, :], st_ref[krows, :], dt)
-            vn_refs[0][rows, :] = vn_CV.astype(vn_refs[0].dtype)
+        dst_ref[pl.ds(pl.multiple_of(n * K, K), K), :] = dS_KV.astype(dst_ref.dtype)
         L_CC, gexp_C, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
         k_CK, q_CK, do_CV = k_ref[rows, :], q_ref[rows, :], do_ref[rows, :]
         if cfg.dvl_in_state:
@@ -472,14 +457,9 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, s_ref, do_ref, *refs, cfg):
             dvl_CV = cfg.scale * _mm(aqk_CC, do_CV, dt, ta=True)
         else:
             dvl_CV = dvl_ref[rows, :]
-        if cfg.scale_small:  # gates on the [C, BV] operands and results, not on q and k
-            dvn_CV = dvl_CV + kdec_C[:, None] * _mm(k_CK, dS_KV, dt)
-            dod_CV = do_CV.astype(_F32) * (cfg.scale * gexp_C)[:, None]
-            read_KV = _mm(q_CK, dod_CV, dt, ta=True)
-        else:
-            dvn_CV = dvl_CV + _mm(k_CK.astype(_F32) * kdec_C[:, None], dS_KV, dt)
-            qd_CK = q_CK.astype(_F32) * (cfg.scale * gexp_C)[:, None]
-            read_KV = _mm(qd_CK, do_CV, dt, ta=True)
+        dvn_CV = dvl_CV + kdec_C[:, None] * _mm(k_CK, dS_KV, dt)
+        dod_CV = do_CV.astype(_F32) * (cfg.scale * gexp_C)[:, None]
+        read_KV = _mm(q_CK, dod_CV, dt, ta=True)
         # every product that reads dv_new casts it to the storage dtype: store it so
         dvn_ref[rows, :] = dvn_CV.astype(dvn_ref.dtype)
         return passes * dS_KV + read_KV - _mm(w_ref[rows, :], dvn_CV, dt, ta=True)
@@ -935,11 +915,9 @@ def _vn(cfg, w, u, states):
     )(w, u, states)
 
 
-def _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal, u=None, states=None):
-    """(dstates, dv_new, dstate0) and, with cfg.vn_pass, v_new as a fourth result."""
+def _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal):
     B, Tp, HV, K, V, R, BV, N = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.BVS, cfg.N
     spec = pl.BlockSpec
-    nkv_spec = spec((None, None, N * K, BV), lambda b, j, iv: (b, j, 0, iv))
     qk_spec = spec((None, Tp, None, K), lambda b, j, iv: (b, 0, j // R, 0))
     tv_spec = spec((None, Tp, None, BV), lambda b, j, iv: (b, 0, j, iv))
     kv_spec = spec((None, None, K, BV), lambda b, j, iv: (b, j, 0, iv))
@@ -955,29 +933,17 @@ def _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal, u=None, states=No
             spec((None, Tp), lambda b, j, iv: (b, 0)),
             tv_spec,
             *([] if cfg.dvl_in_state else [tv_spec]),
-            *([tv_spec, nkv_spec] if cfg.vn_pass else []),
             kv_spec,
         ],
-        [nkv_spec, tv_spec, kv_spec] + ([tv_spec] if cfg.vn_pass else []),
+        [spec((None, None, N * K, BV), lambda b, j, iv: (b, j, 0, iv)), tv_spec, kv_spec],
         [
             _sds((B, HV, N * K, V), cfg.dtype),
             _sds((B, Tp, HV, V), cfg.dtype),
             _sds((B, HV, K, V), _F32),
-        ]
-        + ([_sds((B, Tp, HV, V), cfg.dtype)] if cfg.vn_pass else []),
+        ],
         num_warps=cfg.WSB,
         num_stages=cfg.stages_seq,
-    )(
-        q,
-        k,
-        w,
-        gamma,
-        seg,
-        do,
-        *([] if cfg.dvl_in_state else [dv_local]),
-        *([u, states] if cfg.vn_pass else []),
-        dfinal,
-    )
+    )(q, k, w, gamma, seg, do, *([] if cfg.dvl_in_state else [dv_local]), dfinal)
 
 
 def _group_specs(cfg, hv):
@@ -1127,13 +1093,10 @@ def _pallas_core_bwd(cfg, res, cts):
     else:  # only the whole-chunk W, U products are rerun
         w, u = _wu(cfg, k, v, gamma, beta, seg, tinv)
     if cfg.dvl_in_state:
-        vn, dv_local = (None if cfg.vn_pass else _vn(cfg, w, u, states)), None
+        vn, dv_local = _vn(cfg, w, u, states), None
     else:
         vn, dv_local = _dv_local(cfg, q, k, w, u, states, gamma, seg, do)
-    dstates, dvn, dstate0, *vn_pass = _state_bwd(
-        cfg, q, k, w, gamma, seg, do, dv_local, dfinal, u, states
-    )
-    vn = vn_pass[0] if vn_pass else vn
+    dstates, dvn, dstate0 = _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal)
     # value-head grids give per-value-head dq, dk: sum each key head's group
     group_sum = lambda x: x.reshape(*x.shape[:2], cfg.H, cfg.R, x.shape[-1]).sum(3, dtype=_F32)
     if cfg.fuse_bwd:
