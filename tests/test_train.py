@@ -113,10 +113,19 @@ def test_gradient_accumulation_equals_big_batch():
         assert _rel(b, a) < 1e-4
 
 
+def _metric_rows(workdir):
+    """The complete rows of metrics.jsonl (none before the file exists; a row that is still
+    being written, after the last newline, is skipped)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = f.read().split("\n")[:-1]
+    return [json.loads(line) for line in lines if line]
+
+
 def _read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["step"]: r for r in rows if "loss" in r}
+    return {r["step"]: r for r in _metric_rows(workdir) if "loss" in r}
 
 
 @pytest.mark.slow
@@ -163,16 +172,6 @@ def _train_run(env, workdir, *flags):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _logged_steps(workdir):
-    """Steps with a complete row in metrics.jsonl (a row being written is skipped)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = f.read().split("\n")[:-1]  # the last piece is empty or a row being written
-    return [json.loads(line)["step"] for line in lines if line]
-
-
 @pytest.mark.slow
 def test_cli_trains_resumes_and_survives_sigterm(small_train_run, tmp_path):
     shared, first = small_train_run  # train.py to step 12, checkpoints at 6 and 12 (conftest.py)
@@ -204,7 +203,7 @@ def test_cli_trains_resumes_and_survives_sigterm(small_train_run, tmp_path):
     # Wait for a logged step after the resume point (the loop is running), not just a new row
     # being written: under load the gap between the two can be seconds.
     deadline = time.time() + 400
-    while time.time() < deadline and max(_logged_steps(wd)) <= 12:
+    while time.time() < deadline and max((r["step"] for r in _metric_rows(wd)), default=0) <= 12:
         time.sleep(1)
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
