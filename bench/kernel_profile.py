@@ -20,7 +20,6 @@ import ast
 import collections
 import glob
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -31,18 +30,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 
-def _bench_module(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(HERE, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def moe_step(args):
     """The MoE layer of bench/moe.py (router + routed experts + shared expert)."""
     import jax
+    import moe as mb  # bench/moe.py (this script's folder is on sys.path)
 
-    mb = _bench_module("moe")
     if args.dry:
         mb.set_dry_shapes()
     mb.ROUTER_IMPL = args.router
@@ -55,7 +47,8 @@ def moe_step(args):
 
 def delta_rule_step(args):
     """The Gated DeltaNet core of bench/delta_rule.py (Pallas kernels, Qwen3-Next shapes)."""
-    db = _bench_module("delta_rule")
+    import delta_rule as db  # bench/delta_rule.py
+
     b, t = (int(s) for s in args.shape.split("x"))
     tuning = json.loads(args.tuning) if args.tuning else None
     q, k, v, g, beta, do = db.to_jax(db.make_inputs(b, t))

@@ -12,12 +12,8 @@ binding (torch is on the GPU machine; the JAX path imports it only for that call
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main():
@@ -26,9 +22,8 @@ def main():
     ap.add_argument("--shape", default="1x32768")
     ap.add_argument("--tuning", default="")
     args = ap.parse_args()
-    spec = importlib.util.spec_from_file_location("bench_dr", os.path.join(HERE, "delta_rule.py"))
-    db = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(db)
+    import delta_rule as db  # bench/delta_rule.py (this script's folder is on sys.path)
+
     b, t = (int(s) for s in args.shape.split("x"))
     import torch
 

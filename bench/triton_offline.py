@@ -27,7 +27,6 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
 from kernel_profile import apply_overrides  # noqa: E402
 
 # Runs under --triton-python: compiles each TTIR file for sm_90a, prints one JSON line a kernel.
