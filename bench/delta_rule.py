@@ -57,6 +57,7 @@ H, HV, K, V = 16, 32, 128, 128
 OUT = os.environ.get("OUT", "/tmp/delta_rule_bench")
 START = time.time()
 LOG = []
+INNER = 5  # --inner: calls per timed batch of time_jax
 INTERPRET = False  # --interpret: Pallas kernels interpreted, for a dry run of this script on CPU
 
 
@@ -93,11 +94,12 @@ def to_jax(arrs):
     return bf(q), bf(k), bf(v), jnp.asarray(g), bf(beta), bf(do)
 
 
-def time_jax(f, *args, reps=20, warmup=2, inner=5):
+def time_jax(f, *args, reps=20, warmup=2, inner=None):
     """Median over reps of the mean time of `inner` calls issued back to back (one host sync per
     batch, as a training loop dispatches): GPU time per call including launch gaps, without the
     ~0.1-0.6 ms of one host round trip per call that a synchronising timer adds (fla's
     do_bench times with device events, which also leave it out)."""
+    inner = inner or INNER
     for _ in range(warmup):
         jax.block_until_ready(f(*args))
     ts = []
@@ -488,11 +490,17 @@ def main():
     p.add_argument("--check-variant", type=int, default=-1, help="--check that variant too")
     p.add_argument("--budget", type=float, default=380.0)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument(
+        "--inner",
+        type=int,
+        default=5,
+        help="JAX calls per timed batch (one host sync each; more amortises the batch's start)",
+    )
     p.add_argument("--interpret", action="store_true")
     p.add_argument("--dims", default="16,32,128,128", help="H,HV,Dk,Dv (small for a dry run)")
     args = p.parse_args()
-    global INTERPRET, H, HV, K, V
-    INTERPRET = args.interpret
+    global INTERPRET, INNER, H, HV, K, V
+    INTERPRET, INNER = args.interpret, args.inner
     H, HV, K, V = (int(x) for x in args.dims.split(","))
     os.makedirs(OUT, exist_ok=True)
     if args.tuning:

@@ -48,8 +48,8 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
         dict(split_intra=False, inv_power=True),
         dict(solve_hv=False, inv_power=False, warps_intra=4),
         dict(partials="bfloat16"),
-        dict(wy_compact=True),
-        dict(wy_hv=False, wy_compact=True),
+        dict(wy_compact=False),
+        dict(wy_hv=False),
     ],
 )
 def test_kernel_options_match_reference(tuning):
@@ -57,7 +57,8 @@ def test_kernel_options_match_reference(tuning):
     separate dv_local kernel, key-head grids for the dq/dk and WY kernels, dq/dk walking V in
     blocks, XLA gates, dq/dk and WY fused in one kernel, the inverse recomputed in the
     backward, row substitution, the inverse on a key-head grid, bf16 dq/dk partials (their
-    gradients to bf16 accuracy), the reordered WY backward (both grids). Segments and pad."""
+    gradients to bf16 accuracy), the WY backward in its first order and the reordered one
+    on the key-head grid. Segments and pad."""
     q, k, v, g, beta, s0 = make_inputs(26, B=2, T=100, H=2, HV=4)
     seg = np.zeros((2, 100), np.int32)
     seg[0, :20], seg[0, 20:64], seg[0, 64:70], seg[0, 75:] = 1, 2, 3, 4
@@ -117,7 +118,8 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
         (2, 4, dict(dvl_in_state=False), 9),
         (2, 4, dict(dqk_hv=False, wy_hv=False), 9),
         (2, 4, dict(fuse_bwd=True), 8),
-        (2, 4, dict(num_sms=8, wy_compact=True), 9),  # 64-column state passes, compact WY
+        (2, 4, dict(num_sms=8, wy_compact=False), 9),  # 64-column state passes, WY unordered
+        (2, 4, dict(inv_dot="ieee", warps_intra=2), 9),
     ],
 )
 def test_every_kernel_lowers_to_triton_for_cuda(H, HV, tuning, n_kernels):
