@@ -47,8 +47,10 @@ def _reference(x, w, idx, wg, wu, wd):
 
 
 @functools.cache
-def _grad_fn(backend, capacity_factor=None, mesh=None):
-    """jit(value_and_grad) of sum(y * cot) -> (y, (dx, dw, dWg, dWu, dWd))."""
+def _grad_fn(backend, capacity_factor=None, mesh=None, tune=None):
+    """jit(value_and_grad) of sum(y * cot) -> (y, (dx, dw, dWg, dWu, dWd)). `tune` only keys the
+    cache: a test that patches moe_pallas.TUNE passes it so that its program is traced anew."""
+    del tune
 
     def loss(x, w, idx, wg, wu, wd, cot):
         if backend == "reference":
@@ -95,11 +97,15 @@ def test_fused_matches_unfused_pallas(dtype, monkeypatch):
     w * h instead of y, hence not bitwise). The float32 case runs the fused down backward with
     narrower column blocks than the other kernels (more dL/dw partials to sum)."""
     dt = jnp.dtype(dtype)
+    tune = None
     if dt == jnp.float32:
-        monkeypatch.setattr(moe_pallas, "DOWN_BWD_BLOCK_N", moe_pallas.BLOCK_N // 2)
+        tune = "down_bwd narrow"
+        monkeypatch.setattr(moe_pallas, "TUNE", {"down_bwd": {"bn": moe_pallas.BLOCK_N // 2}})
     args = _inputs(dt, "random", seed=3)
     _assert_close(
-        _run("pallas_fused", args), _run("pallas", args), 1e-5 if dt == jnp.float32 else 2e-2
+        _run("pallas_fused", args, tune=tune),
+        _run("pallas", args, tune=tune),
+        1e-5 if dt == jnp.float32 else 2e-2,
     )
 
 
@@ -192,6 +198,22 @@ def test_fused_kernels_lower_to_triton(monkeypatch):
     for name in names:
         assert f'name = "{name}"' in text, name
     assert text.count('name = "_tgmm_kernel"') == 2
+    assert text.count('name = "_sum_rows_kernel"') == 2  # the combine and dx's K-row sum
+
+
+def test_sum_rows_kernel_matches_gather_sum():
+    """The K-row sum kernel against moe_dispatch.sum_slot_rows: absent slots (pos == R) add 0,
+    T not a multiple of the kernel's token block, bf16 rows summed in fp32."""
+    from qwen3next_jax.ops import moe_dispatch
+
+    r, t, k = 50, 37, 3
+    y = jax.random.normal(jax.random.key(3), (r, D), jnp.float32).astype(jnp.bfloat16)
+    pos = jax.random.randint(jax.random.key(4), (t, k), 0, r + 1).at[0].set(r)
+    got = moe_pallas.sum_rows(y, pos, jnp.float32)
+    want = moe_dispatch.sum_slot_rows(y, pos)
+    assert got.shape == (t, D) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(got[0]) == 0.0)
 
 
 @pytest.mark.parametrize("norm", [True, False])

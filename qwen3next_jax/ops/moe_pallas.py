@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from qwen3next_jax import sharding
-from qwen3next_jax.ops.moe_dispatch import round_up, sum_slot_rows
+from qwen3next_jax.ops.moe_dispatch import round_up
 
 TILE_M = 128  # rows per tile; the layout pads each group to this
 BLOCK_N = 128  # output columns per program
@@ -41,12 +41,23 @@ TGMM_ROWS = 64  # rows per step of the per-expert weight-gradient loop (divides 
 # ... of the dW_gate/dW_up loop (two accumulators; 128 rows: 4.40 -> 4.06 ms at 32K tokens on an
 # H200, while dW_down with 128 rows went 1.88 -> 2.55 ms)
 TGMM_ROWS_PAIR = 128
-# Output columns of the fused down-backward kernel (None: BLOCK_N). Its swiglu-backward epilogue
-# on [128, 128] fp32 tiles spills 548 B per thread at sm_90a, 8 B with 64 columns
-# (bench/triton_offline.py), at twice the gathered reads of the output cotangent; not yet timed.
-DOWN_BWD_BLOCK_N = None
 NUM_WARPS = 8
 NUM_STAGES = 3
+# Per-kernel launch overrides, {kernel: {"bn": output columns, "bk": contraction step, "warps": n,
+# "stages": n}} for kernels "gateup", "down", "down_bwd", "dx", "tgmm" (dW_down) and "tgmm_pair"
+# (dW_gate, dW_up; bn there is both output block sides); unset keys fall back to BLOCK_N, BLOCK_K,
+# NUM_WARPS, NUM_STAGES. Measured and left at the defaults: down_bwd with 64 columns (its
+# epilogue's spills 548 -> 8 B a thread) took 3.59 ms against 2.71 at 32K tokens on an H200.
+TUNE: dict = {}
+
+
+def _tune(name: str, key: str, default):
+    return TUNE.get(name, {}).get(key, default)
+
+
+def _blocks(name: str, n: int, k: int) -> tuple[int, int]:
+    """(output columns, contraction step) of kernel `name` for an output width n, depth k."""
+    return _block(n, _tune(name, "bn", BLOCK_N)), _block(k, _tune(name, "bk", BLOCK_K))
 
 
 def _interpret() -> bool:
@@ -56,15 +67,16 @@ def _interpret() -> bool:
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined operand buffers (H100/H200 allow 227 KiB)
 
 
-def _compiler_params(stage_bytes: int, num_warps: int | None = None):
+def _compiler_params(stage_bytes: int, num_warps: int | None = None, name: str = ""):
     """Triton params; fewer pipeline stages when NUM_STAGES copies of one step's operand tiles
     (`stage_bytes`) would not fit in shared memory (fp32 inputs, two-weight kernels)."""
     if _interpret():
         return None
     from jax.experimental.pallas import triton as plgpu
 
-    stages = max(1, min(NUM_STAGES, SMEM_BUDGET // stage_bytes))
-    return plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=stages)
+    stages = max(1, min(_tune(name, "stages", NUM_STAGES), SMEM_BUDGET // stage_bytes))
+    warps = _tune(name, "warps", num_warps or NUM_WARPS)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 def _block(dim: int, pref: int) -> int:
@@ -89,7 +101,7 @@ def _sigmoid(z):
     return 1.0 / (1.0 + jnp.exp(-z))
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, stage_bytes, num_warps=None):
+def _call(kernel, grid, in_specs, out_specs, out_shape, stage_bytes, num_warps=None, name=""):
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -97,7 +109,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, stage_bytes, num_warps=N
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=_interpret(),
-        compiler_params=_compiler_params(stage_bytes, num_warps),
+        compiler_params=_compiler_params(stage_bytes, num_warps, name),
     )
 
 
@@ -291,6 +303,50 @@ def _down_bwd_gather_kernel(
         gw_ref[...] = jnp.zeros((bm,), gw_ref.dtype)
 
 
+# Tokens x columns per program of the K-row sum (combine and dx): a [32, 256] fp32 accumulator
+# is 32 registers a thread at 8 warps; each gathered row piece is 512 contiguous bytes
+SUM_ROWS_T = 32
+SUM_ROWS_D = 256
+
+
+def _sum_rows_kernel(pos_ref, y_ref, o_ref):
+    """o[t] = sum_k y[pos[k, t]] in fp32 for one [bt, bd] block (pos_ref [K, T] whole; a row
+    index of R, "not placed", adds 0)."""
+    i, j = pl.program_id(0), pl.program_id(1)
+    bt, bd = o_ref.shape
+    r = y_ref.shape[0]
+    toks = pl.ds(pl.multiple_of(i * bt, bt), bt)
+    cols = pl.ds(pl.multiple_of(j * bd, bd), bd)
+    acc = jnp.zeros((bt, bd), jnp.float32)
+    for k in range(pos_ref.shape[0]):
+        p = pos_ref[k, toks]
+        rows = y_ref[jnp.minimum(p, r - 1), cols].astype(jnp.float32)
+        acc = acc + jnp.where((p < r)[:, None], rows, 0.0)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def sum_rows(y_RD, pos_TK, out_dtype):
+    """[T, D] out_dtype: sum over k of y[pos[t, k]] in fp32 (pos == R adds 0), one Pallas kernel.
+
+    The same sum as moe_dispatch.sum_slot_rows, as its own kernel: XLA fuses that one into its
+    consumers (at 32K tokens on an H200 the benchmark's combine landed in a 1.34 ms reduction
+    fusion, against ~0.3 ms of bytes)."""
+    r, d = y_RD.shape
+    t, _ = pos_TK.shape
+    bt, bd = min(SUM_ROWS_T, pl.next_power_of_2(t)), _block(d, SUM_ROWS_D)
+    tp = round_up(t, bt)
+    pos_KT = jnp.pad(pos_TK.T.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=r)
+    out = _call(
+        _sum_rows_kernel,
+        (tp // bt, d // bd),
+        [_full(pos_KT.shape), _full(y_RD.shape)],
+        pl.BlockSpec((bt, bd), lambda i, j: (i, j)),
+        jax.ShapeDtypeStruct((tp, d), out_dtype),
+        bt * bd * y_RD.dtype.itemsize,
+    )(pos_KT, y_RD)
+    return out[:t] if tp != t else out
+
+
 def _tile_maps(sizes_G, start_G, num_rows):
     """tile_group [R/TILE_M] (-1 = unused tile) and each group's tile range [lo_G, hi_G)."""
     lo_G = start_G // TILE_M
@@ -307,7 +363,7 @@ def _tile_maps(sizes_G, start_G, num_rows):
 def _gateup(tg, x_RD, wg, wu):
     r, d = x_RD.shape
     f = wg.shape[2]
-    bm, bn, bk = TILE_M, _block(f, BLOCK_N), _block(d, BLOCK_K)
+    bm, (bn, bk) = TILE_M, _blocks("gateup", f, d)
     out = jax.ShapeDtypeStruct((r, f), x_RD.dtype)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     return _call(
@@ -322,13 +378,14 @@ def _gateup(tg, x_RD, wg, wu):
         [tile, tile, tile],
         [out, out, out],
         (bm * bk + 2 * bk * bn) * x_RD.dtype.itemsize,
+        name="gateup",
     )(tg, x_RD, wg, wu)
 
 
 def _down(tg, h_RF, wd):
     r, f = h_RF.shape
     d = wd.shape[2]
-    bm, bn, bk = TILE_M, _block(d, BLOCK_N), _block(f, BLOCK_K)
+    bm, (bn, bk) = TILE_M, _blocks("down", d, f)
     return _call(
         functools.partial(_down_kernel, bk=bk),
         (d // bn, r // bm),
@@ -336,13 +393,14 @@ def _down(tg, h_RF, wd):
         pl.BlockSpec((bm, bn), lambda j, i: (i, j)),
         jax.ShapeDtypeStruct((r, d), h_RF.dtype),
         (bm * bk + bk * bn) * h_RF.dtype.itemsize,
+        name="down",
     )(tg, h_RF, wd)
 
 
 def _down_bwd(tg, dy_RD, wd, g_RF, u_RF):
     r, d = dy_RD.shape
     f = wd.shape[1]
-    bm, bn, bk = TILE_M, _block(f, BLOCK_N), _block(d, BLOCK_K)
+    bm, (bn, bk) = TILE_M, _blocks("down_bwd", f, d)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
     return _call(
@@ -352,13 +410,14 @@ def _down_bwd(tg, dy_RD, wd, g_RF, u_RF):
         [tile, tile],
         [out, out],
         (bm * bk + bk * bn) * dy_RD.dtype.itemsize,
+        name="down_bwd",
     )(tg, dy_RD, wd, g_RF, u_RF)
 
 
 def _dx(tg, dg_RF, du_RF, wg, wu):
     r, f = dg_RF.shape
     d = wg.shape[1]
-    bm, bn, bk = TILE_M, _block(d, BLOCK_N), _block(f, BLOCK_K)
+    bm, (bn, bk) = TILE_M, _blocks("dx", d, f)
     rows = pl.BlockSpec((bm, f), lambda j, i: (i, 0))
     return _call(
         functools.partial(_dx_kernel, bk=bk),
@@ -367,6 +426,7 @@ def _dx(tg, dg_RF, du_RF, wg, wu):
         pl.BlockSpec((bm, bn), lambda j, i: (i, j)),
         jax.ShapeDtypeStruct((r, d), dg_RF.dtype),
         2 * (bm * bk + bk * bn) * dg_RF.dtype.itemsize,
+        name="dx",
     )(tg, dg_RF, du_RF, wg, wu)
 
 
@@ -376,7 +436,8 @@ def _tgmm(lo_G, hi_G, a_RA, bs, out_dtype, tok_R=None, gather=(False, False)):
     g = lo_G.shape[0]
     a = a_RA.shape[1]
     b = bs[0].shape[1]
-    ba, bb = _block(a, BLOCK_N), _block(b, BLOCK_N)
+    name = "tgmm_pair" if len(bs) == 2 else "tgmm"
+    ba, bb = _block(a, _tune(name, "bn", BLOCK_N)), _block(b, _tune(name, "bn", BLOCK_N))
     out_spec = pl.BlockSpec((None, ba, bb), lambda j, i, e: (e, i, j))
     rows = min(TGMM_ROWS_PAIR if len(bs) == 2 else TGMM_ROWS, TILE_M)
     if TILE_M % rows:
@@ -389,6 +450,7 @@ def _tgmm(lo_G, hi_G, a_RA, bs, out_dtype, tok_R=None, gather=(False, False)):
         [out_spec] * len(bs),
         [jax.ShapeDtypeStruct((g, a, b), out_dtype)] * len(bs),
         rows * (ba + len(bs) * bb) * a_RA.dtype.itemsize,
+        name=name,
     )(lo_G, hi_G, *toks, a_RA, *bs)
 
 
@@ -396,7 +458,7 @@ def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals):
     """(h,) or (h, g, u), each [R, F] in x's dtype; R = tok_R's length."""
     r, d = tok_R.shape[0], x_TD.shape[1]
     f = wg.shape[2]
-    bm, bn, bk = TILE_M, _block(f, BLOCK_N), _block(d, BLOCK_K)
+    bm, (bn, bk) = TILE_M, _blocks("gateup", f, d)
     out = jax.ShapeDtypeStruct((r, f), x_TD.dtype)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
@@ -408,6 +470,7 @@ def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals):
         [tile] * n_out,
         [out] * n_out,
         (bm * bk + 2 * bk * bn) * x_TD.dtype.itemsize,
+        name="gateup",
     )(tg, tok_R, w_R, x_TD, wg, wu)
 
 
@@ -415,7 +478,7 @@ def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF):
     """dg, du [R, F] in g's dtype; gw [F / bn, R] fp32, each column block's share of dL/dw."""
     r, f = g_RF.shape
     d = gy_TD.shape[1]
-    bm, bn, bk = TILE_M, _block(f, DOWN_BWD_BLOCK_N or BLOCK_N), _block(d, BLOCK_K)
+    bm, (bn, bk) = TILE_M, _blocks("down_bwd", f, d)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
     out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
@@ -426,6 +489,7 @@ def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF):
         [tile, tile, pl.BlockSpec((None, bm), lambda j, i: (j, i))],
         [out, out, jax.ShapeDtypeStruct((f // bn, r), jnp.float32)],
         (bm * bk + bk * bn) * gy_TD.dtype.itemsize,
+        name="down_bwd",
     )(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF)
 
 
@@ -478,13 +542,13 @@ def _row_maps(pos_TK, src_R, weights_TK):
 def _fused(tg, lo_G, hi_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
     tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
     (h,) = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=False)
-    return sum_slot_rows(_down(tg, h, wd), pos_TK).astype(out_dtype)
+    return sum_rows(_down(tg, h, wd), pos_TK, out_dtype)
 
 
 def _fused_fwd(tg, lo_G, hi_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
     tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
     h, g, u = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=True)
-    y_TD = sum_slot_rows(_down(tg, h, wd), pos_TK).astype(out_dtype)
+    y_TD = sum_rows(_down(tg, h, wd), pos_TK, out_dtype)
     return y_TD, (tg, lo_G, hi_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u)
 
 
@@ -493,7 +557,7 @@ def _fused_bwd(out_dtype, res, gy_TD):
     gy_TD = gy_TD.astype(x_TD.dtype)
     dg, du, gw_JR = _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g, u)
     # dx: per-row products, then each token sums its K rows (the dispatch's transpose).
-    dx_TD = sum_slot_rows(_dx(tg, dg, du, wg, wu), pos_TK).astype(x_TD.dtype)
+    dx_TD = sum_rows(_dx(tg, dg, du, wg, wu), pos_TK, x_TD.dtype)
     (dwd,) = _tgmm(lo_G, hi_G, h, [gy_TD], wd.dtype, tok_R=tok_R, gather=(False, True))
     dwg, dwu = _tgmm(lo_G, hi_G, x_TD, [dg, du], wg.dtype, tok_R=tok_R, gather=(True, False))
     gw_TK = _take(jnp.sum(gw_JR, axis=0), pos_TK).astype(weights_TK.dtype)
