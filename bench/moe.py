@@ -774,10 +774,22 @@ def main():
         default="xla",
         help="router softmax + top-k in the layer: XLA ops or the fused Pallas kernel",
     )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help="override a qwen3next_jax.ops module constant first (as bench/kernel_profile.py)",
+    )
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     global ROUTER_IMPL
     ROUTER_IMPL = args.router
+    if args.set:
+        from kernel_profile import apply_overrides  # bench/ is on sys.path
+
+        apply_overrides(args.set)
+        print("overrides:", args.set, flush=True)
     if args.hf_child:
         return hf_main(args.tokens, args.steps, args.hf_experts)
     if args.dry:

@@ -95,12 +95,15 @@ def test_fused_matches_dense_reference(kind, dtype):
 def test_fused_matches_unfused_pallas(dtype, monkeypatch):
     """Same kernels, same layout: the fused and the materialised paths agree closely (bf16 rounds
     w * h instead of y, hence not bitwise). The float32 case runs the fused down backward with
-    narrower column blocks than the other kernels (more dL/dw partials to sum)."""
+    narrower column blocks than the other kernels (more dL/dw partials to sum), the bfloat16 case
+    dW_gate and dW_up in one paired kernel."""
     dt = jnp.dtype(dtype)
-    tune = None
     if dt == jnp.float32:
         tune = "down_bwd narrow"
         monkeypatch.setattr(moe_pallas, "TUNE", {"down_bwd": {"bn": moe_pallas.BLOCK_N // 2}})
+    else:
+        tune = "paired dW_gate, dW_up"
+        monkeypatch.setattr(moe_pallas, "TGMM_PAIR", True)
     args = _inputs(dt, "random", seed=3)
     _assert_close(
         _run("pallas_fused", args, tune=tune),
@@ -197,7 +200,7 @@ def test_fused_kernels_lower_to_triton(monkeypatch):
     names = ("_gateup_gather_kernel", "_down_kernel", "_down_bwd_gather_kernel", "_dx_kernel")
     for name in names:
         assert f'name = "{name}"' in text, name
-    assert text.count('name = "_tgmm_kernel"') == 2
+    assert text.count('name = "_tgmm_kernel"') == 3  # dW_gate, dW_up, dW_down (TGMM_PAIR off)
     assert text.count('name = "_sum_rows_kernel"') == 2  # the combine and dx's K-row sum
 
 

@@ -41,14 +41,26 @@ TGMM_ROWS = 64  # rows per step of the per-expert weight-gradient loop (divides 
 # ... of the dW_gate/dW_up loop (two accumulators; 128 rows: 4.40 -> 4.06 ms at 32K tokens on an
 # H200, while dW_down with 128 rows went 1.88 -> 2.55 ms)
 TGMM_ROWS_PAIR = 128
+# dW_gate and dW_up in one kernel sharing each x tile (two [128, 128] accumulators), or as two
+# single-output kernels like dW_down (32K tokens on an H200, 8 warps: 4.07 ms paired, 3.87 for
+# the two single ones)
+TGMM_PAIR = False
 NUM_WARPS = 8
 NUM_STAGES = 3
 # Per-kernel launch overrides, {kernel: {"bn": output columns, "bk": contraction step, "warps": n,
 # "stages": n}} for kernels "gateup", "down", "down_bwd", "dx", "tgmm" (dW_down) and "tgmm_pair"
 # (dW_gate, dW_up; bn there is both output block sides); unset keys fall back to BLOCK_N, BLOCK_K,
-# NUM_WARPS, NUM_STAGES. Measured and left at the defaults: down_bwd with 64 columns (its
-# epilogue's spills 548 -> 8 B a thread) took 3.59 ms against 2.71 at 32K tokens on an H200.
-TUNE: dict = {}
+# NUM_WARPS, NUM_STAGES. Chosen one kernel at a time at 32K tokens on an H200 (bench/RESULTS.md,
+# session 6): dW kernels on 4 warps (dW_down 1.87 -> 1.60 ms), dx in 32-deep steps (3.12 ->
+# 2.97), 4 stages for the down backward (2.72 -> 2.40) and the gate-up (2.74 -> 2.66; the forward
+# down got slower with 4, 1.51 -> 1.92). Down backward with 64 columns (its epilogue's spills
+# 548 -> 8 B a thread): 3.59 ms against 2.71, not taken.
+TUNE: dict = {
+    "tgmm": {"warps": 4},
+    "dx": {"bk": 32},
+    "down_bwd": {"stages": 4},
+    "gateup": {"stages": 4},
+}
 
 
 def _tune(name: str, key: str, default):
@@ -454,6 +466,13 @@ def _tgmm(lo_G, hi_G, a_RA, bs, out_dtype, tok_R=None, gather=(False, False)):
     )(lo_G, hi_G, *toks, a_RA, *bs)
 
 
+def _tgmm2(lo_G, hi_G, a_RA, b1, b2, out_dtype, **kw):
+    """(a^T b1, a^T b2) per group: one paired kernel (TGMM_PAIR) or two single ones."""
+    if TGMM_PAIR:
+        return _tgmm(lo_G, hi_G, a_RA, [b1, b2], out_dtype, **kw)
+    return tuple(_tgmm(lo_G, hi_G, a_RA, [b], out_dtype, **kw)[0] for b in (b1, b2))
+
+
 def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals):
     """(h,) or (h, g, u), each [R, F] in x's dtype; R = tok_R's length."""
     r, d = tok_R.shape[0], x_TD.shape[1]
@@ -510,7 +529,7 @@ def _swiglu_tiles_bwd(res, dy_RD):
     dg, du = _down_bwd(tg, dy_RD, wd, g, u)
     dx = _dx(tg, dg, du, wg, wu)
     (dwd,) = _tgmm(lo_G, hi_G, h, [dy_RD], wd.dtype)
-    dwg, dwu = _tgmm(lo_G, hi_G, x_RD, [dg, du], wg.dtype)
+    dwg, dwu = _tgmm2(lo_G, hi_G, x_RD, dg, du, wg.dtype)
     return None, None, None, dx, dwg, dwu, dwd
 
 
@@ -559,7 +578,7 @@ def _fused_bwd(out_dtype, res, gy_TD):
     # dx: per-row products, then each token sums its K rows (the dispatch's transpose).
     dx_TD = sum_rows(_dx(tg, dg, du, wg, wu), pos_TK, x_TD.dtype)
     (dwd,) = _tgmm(lo_G, hi_G, h, [gy_TD], wd.dtype, tok_R=tok_R, gather=(False, True))
-    dwg, dwu = _tgmm(lo_G, hi_G, x_TD, [dg, du], wg.dtype, tok_R=tok_R, gather=(True, False))
+    dwg, dwu = _tgmm2(lo_G, hi_G, x_TD, dg, du, wg.dtype, tok_R=tok_R, gather=(True, False))
     gw_TK = _take(jnp.sum(gw_JR, axis=0), pos_TK).astype(weights_TK.dtype)
     return None, None, None, None, None, dx_TD, gw_TK, dwg, dwu, dwd
 
