@@ -40,7 +40,7 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
     "tuning",
     [
         dict(split_intra=False),
-        dict(dvl_in_state=False),
+        dict(dvl_in_state=False, seq_groups=4),
         dict(dqk_hv=False, wy_hv=False, bv_dqk=16),
         dict(dqk_hv=True, wy_hv=True, bv_dqk=16, gates_kernel=False),
         dict(fuse_bwd=True),
@@ -48,13 +48,14 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
         dict(split_intra=False, inv_power=True),
         dict(solve_hv=False, inv_power=False, warps_intra=4),
         dict(partials="bfloat16"),
-        dict(wy_compact=False),
+        dict(wy_compact=False, seq_groups=2),
         dict(wy_hv=False),
     ],
 )
 def test_kernel_options_match_reference(tuning):
     """The non-default kernel paths (the defaults run in the other tests): fused intra kernel,
-    separate dv_local kernel, key-head grids for the dq/dk and WY kernels, dq/dk walking V in
+    separate dv_local kernel (with the state passes split into 4 sequence groups; 2 groups with
+    the first-order WY backward, so both forms of the reverse group kernel run), key-head grids for the dq/dk and WY kernels, dq/dk walking V in
     blocks, XLA gates, dq/dk and WY fused in one kernel, the inverse recomputed in the
     backward, row substitution, the inverse on a key-head grid, bf16 dq/dk partials (their
     gradients to bf16 accuracy), the WY backward in its first order and the reordered one
@@ -119,6 +120,7 @@ def test_bf16_inputs_keep_dtype_and_stay_close():
         (2, 4, dict(dqk_hv=False, wy_hv=False), 9),
         (2, 4, dict(fuse_bwd=True), 8),
         (2, 4, dict(num_sms=8, wy_compact=False), 9),  # 64-column state passes, WY unordered
+        (2, 4, dict(seq_groups=2), 13),  # + per-group end states and transitions, fwd and bwd
         (2, 4, dict(inv_dot="ieee", warps_intra=2), 9),
     ],
 )
@@ -199,3 +201,18 @@ def test_auto_launch_config_widens_state_passes_on_full_grids():
     assert (narrow.BVS, narrow.WS, narrow.WSB) == (32, 4, 4)
     pinned = drp._Cfg(B=8, interpret=False, bv_seq=32, warps_seq=2, **base)
     assert (pinned.BVS, pinned.WS, pinned.WSB) == (32, 2, 2)
+
+
+def test_sequence_groups_auto_and_bad_value():
+    """seq_groups 0 = auto: split the state passes when the value-block grid has under half the
+    GPU's multiprocessors, doubling while it stays under all of them and each group keeps >= 8
+    chunks; an explicit count must divide the chunks."""
+    base = dict(H=2, HV=4, K=128, V=128, C=64, scale=1.0, store="bfloat16", interpret=False)
+    small = drp._Cfg(B=1, Tp=64 * 64, num_sms=132, **base)  # 16 programs, 64 chunks
+    assert small.G == 8  # 128 programs, 8 chunks a group
+    short = drp._Cfg(B=1, Tp=64 * 8, num_sms=132, **base)  # 8 chunks: no group of 8 after a split
+    assert short.G == 1
+    full = drp._Cfg(B=1, Tp=64 * 64, num_sms=132, **{**base, "H": 16, "HV": 32})  # 128 programs
+    assert full.G == 1
+    with pytest.raises(ValueError, match="seq_groups=3 must divide the 64 chunks"):
+        drp._Cfg(B=1, Tp=64 * 64, seq_groups=3, **base)

@@ -12,16 +12,23 @@ forward   _solve_kernel      grid (B, HV, N)    Tinv = (I + A)^-1 per value head
           _wu_kernel         grid (B, HV, N)    W, U = Tinv (beta k e^gamma, beta v), C-row
                                                 products (split_intra=False: _intra_kernel
                                                 does both on 16-row sub-blocks)
-          _state_fwd_kernel  grid (B, HV, V/BV) sequential over chunks: chunk-start states,
-                                                v_new = U - W S, final state
+          _state_fwd_kernel  grid (B, G, HV, V/BV) sequential over the chunks of each of G
+                                                sequence groups: chunk-start states,
+                                                v_new = U - W S, end state
+          _state_end_kernel  grid (B, G, HV, V/BV), (B, G, HV, K/BV), only when G > 1: each
+                                                group's end state from zero and its [K, K]
+                                                transition; XLA chains the G groups' start
+                                                states (G = 1 unless batch x heads is small)
           _output_kernel     grid (B, HV, N, V/BV)  o = scale (q e^gamma S + (q k^T . L) v_new)
 backward  _wu_kernel again, from the saved inverse (the inputs, chunk-start states and
                                                 the inverse are saved; save_tinv=False reruns
                                                 _solve_kernel too)
           _vn_kernel         grid (B, HV, N, V/BV)  v_new again
-          _state_bwd_kernel  grid (B, HV, V/BV) reverse over chunks: dS at every chunk end,
-                                                dv_new (with the chunk-local (q k^T . L)^T do
-                                                computed in the loop), d initial_state
+          _state_bwd_kernel  grid (B, G, HV, V/BV) reverse over chunks: dS at every chunk
+                                                end, dv_new (with the chunk-local
+                                                (q k^T . L)^T do computed in the loop),
+                                                d initial_state (_state_bwd_end_kernel: the
+                                                groups' split, as in the forward)
           _dqk_kernel        grid (B, HV, N)    dq, dk and dgamma through the read-out and S
           _wy_bwd_kernel     grid (B, HV, N)    dk, dv, dbeta, dgamma through (I + A)^-1, from
                                                 the stored inverse, C-row products
@@ -32,7 +39,10 @@ Key heads: kernels on a value-head grid read key head j // R through their index
 on a key-head grid loop over the R value heads of the group, so q/k are never repeated. The
 triangular inverse is done on 16-row sub-blocks: repeated squaring inside each diagonal block
 (inv_power=False: row-by-row forward substitution), then block forward substitution with small
-fp32 products (P9). Storage of intermediates (W, U,
+fp32-accumulated products, TF32 on the GPU (P9). The state recurrence is linear in the state and
+acts on its value columns independently: the value-block grid fills the GPU when batch x value
+heads x V/BV is large, and the sequence-group split (end(S0) = T S0 + end(0) per group, one
+G-step chain) when it is not. Storage of intermediates (W, U,
 v_new, chunk states, the inverse) and the operands of the large products use v's dtype when it
 is 16-bit (as fla does), else float32 at Precision.HIGHEST; accumulators and the carried state
 are fp32. Segment boundaries work as in the pure-JAX core (chunk-local segment counters mask the
@@ -112,6 +122,20 @@ class _Cfg:
     # the WY backward's steps reordered so few [C, 128] fp32 tiles are live at once (sm_90a
     # compile: 20 B of spills per thread instead of 1244; B1 T32K on an H200: 1.49 -> 0.90 ms)
     wy_compact: bool = True
+    # sequence groups of the state passes: 1 = one sequential pass over all chunks; G > 1 splits
+    # the chunks into G groups run in parallel (each group's end state from zero and its
+    # [K, K] transition, a G-step combine, then every group from its true start state: about 3x
+    # the pass's work over G times the programs); 0 = auto: split when the value-block grid
+    # has fewer programs than half the GPU's multiprocessors (small batch x heads), so that the
+    # grid fills them. Not yet timed on a GPU (at the benchmark's shapes auto keeps one group).
+    seq_groups: int = 0
+
+    def __post_init__(self):
+        if self.seq_groups < 0 or (self.seq_groups and self.N % self.seq_groups):
+            raise ValueError(
+                f"seq_groups={self.seq_groups} must divide the {self.N} chunks of the sequence "
+                "(0 = auto)."
+            )
 
     @property
     def R(self):
@@ -136,6 +160,18 @@ class _Cfg:
     @property
     def BVS(self):
         return min(self.V, self.bv_seq or (64 if self._wide_seq else 32))
+
+    @property
+    def G(self):
+        """Sequence groups of the state passes (see seq_groups); always divides N."""
+        if self.seq_groups:
+            return self.seq_groups
+        programs = self.B * self.HV * (self.V // self.BVS)
+        g = 1
+        # double while the grid is under the SM count and each group keeps >= 8 chunks
+        while programs * g < self.num_sms and self.N % (2 * g) == 0 and self.N // (2 * g) >= 8:
+            g *= 2
+        return g if programs * 2 <= self.num_sms else 1
 
     @property
     def WS(self):
@@ -412,7 +448,34 @@ def _state_fwd_kernel(
         # k first cost 0.77 against 0.65 ms at B1 T32K on an H200)
         return passes * S_KV + _mm(k_ref[rows, :], kdec_C[:, None] * vn_CV, dt, ta=True)
 
-    final_ref[...] = jax.lax.fori_loop(0, cfg.N, body, s0_ref[...].astype(_F32))
+    n_chunks = g_ref.shape[0] // C  # the whole sequence, or one sequence group
+    final_ref[...] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(_F32))
+
+
+def _state_end_kernel(w_ref, k_ref, g_ref, s_ref, *refs, cfg):
+    """One sequence group's forward pass, end state only, for the split (cfg.G > 1).
+
+    refs (u_ref, end_ref): the end state from a zero start ([K, BV]); (end_ref,): the group's
+    transition, the same recurrence without u from the identity ([K, BK], columns of I), so
+    that end(S0) = transition @ S0 + end(0)."""
+    C, K, dt = cfg.C, cfg.K, cfg.dtype
+    u_ref, end_ref = refs if len(refs) == 2 else (None, refs[0])
+    bw = end_ref.shape[1]
+    if u_ref is None:
+        col0 = pl.program_id(3) * bw
+        S0 = (_iota((K, bw), 0) == _iota((K, bw), 1) + col0).astype(_F32)
+    else:
+        S0 = jnp.zeros((K, bw), _F32)
+
+    def body(n, S_KV):
+        rows = pl.ds(pl.multiple_of(n * C, C), C)
+        _, _, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
+        vn_CV = -_mm(w_ref[rows, :], S_KV, dt)
+        if u_ref is not None:
+            vn_CV = vn_CV + u_ref[rows, :].astype(_F32)
+        return passes * S_KV + _mm(k_ref[rows, :], kdec_C[:, None] * vn_CV, dt, ta=True)
+
+    end_ref[...] = jax.lax.fori_loop(0, g_ref.shape[0] // C, body, S0)
 
 
 def _output_kernel(q_ref, k_ref, st_ref, vn_ref, g_ref, s_ref, o_ref, *, cfg):
@@ -449,7 +512,7 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, s_ref, do_ref, *refs, cfg):
     on an H200). (v_new recomputed in this loop instead of its own kernel was slower: 2.06 ms
     with 2 pipeline stages, and 3 no longer fit in shared memory.)
     """
-    C, K, N, dt = cfg.C, cfg.K, cfg.N, cfg.dtype
+    C, K, N, dt = cfg.C, cfg.K, g_ref.shape[0] // cfg.C, cfg.dtype  # N: this group's chunks
     if cfg.dvl_in_state:
         dfin_ref, dst_ref, dvn_ref, ds0_ref = refs
     else:
@@ -474,6 +537,43 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, s_ref, do_ref, *refs, cfg):
         return passes * dS_KV + read_KV - _mm(w_ref[rows, :], dvn_CV, dt, ta=True)
 
     ds0_ref[...] = jax.lax.fori_loop(0, N, body, dfin_ref[...].astype(_F32))
+
+
+def _state_bwd_end_kernel(q_ref, k_ref, w_ref, g_ref, s_ref, *refs, cfg):
+    """One sequence group's reverse pass, start cotangent only, for the split (cfg.G > 1).
+
+    refs (do_ref, [dvl_ref,] ds0_ref): from a zero cotangent at the group's end, with the
+    output's sources; (ds0_ref,): the group's reverse transition, the recurrence without sources
+    from the identity, so that start(dS_end) = transition @ dS_end + start(0)."""
+    C, K, dt = cfg.C, cfg.K, cfg.dtype
+    ds0_ref = refs[-1]
+    src = refs[:-1]
+    bw = ds0_ref.shape[1]
+    if src:
+        dS0 = jnp.zeros((K, bw), _F32)
+    else:
+        col0 = pl.program_id(3) * bw
+        dS0 = (_iota((K, bw), 0) == _iota((K, bw), 1) + col0).astype(_F32)
+    n_chunks = g_ref.shape[0] // C
+
+    def body(i, dS_KV):
+        rows = pl.ds(pl.multiple_of((n_chunks - 1 - i) * C, C), C)
+        L_CC, gexp_C, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
+        k_CK = k_ref[rows, :]
+        dvn_CV = kdec_C[:, None] * _mm(k_CK, dS_KV, dt)
+        out = passes * dS_KV
+        if src:
+            q_CK, do_CV = q_ref[rows, :], src[0][rows, :]
+            if cfg.dvl_in_state:
+                aqk_CC = _mm(q_CK, k_CK, dt, tb=True) * L_CC
+                dvn_CV = dvn_CV + cfg.scale * _mm(aqk_CC, do_CV, dt, ta=True)
+            else:
+                dvn_CV = dvn_CV + src[1][rows, :].astype(_F32)
+            dod_CV = do_CV.astype(_F32) * (cfg.scale * gexp_C)[:, None]
+            out = out + _mm(q_CK, dod_CV, dt, ta=True)
+        return out - _mm(w_ref[rows, :], dvn_CV, dt, ta=True)
+
+    ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dS0)
 
 
 def _dqk_kernel(
@@ -828,34 +928,88 @@ def _intra(cfg, k, v, gamma, beta, seg, with_tinv=False):
     )(k, v, gamma, beta, seg)
 
 
+def _seq_specs(cfg, width=None):
+    """Grid (B, G, HV, width / BV) and BlockSpec makers over one sequence group of the state
+    passes: token rows [B, Tp, heads, cols], gates [B, HV, Tp], segments [B, Tp], per-group
+    states [B, G, HV, K, cols] and chunk states [B, HV, N*K, cols]."""
+    width = width or cfg.V
+    G, R, BV = cfg.G, cfg.R, min(cfg.BVS, width)
+    tg, spec = cfg.Tp // G, pl.BlockSpec
+    grid = (cfg.B, G, cfg.HV, width // BV)
+
+    def rows(cols=None, key_head=False):
+        """cols None: the program's BV columns of a value-head array; else all cols columns of
+        a value-head (or key_head) array."""
+        if cols is None:
+            return spec((None, tg, None, BV), lambda b, g, j, iv: (b, g, j, iv))
+        if key_head:
+            return spec((None, tg, None, cols), lambda b, g, j, iv: (b, g, j // R, 0))
+        return spec((None, tg, None, cols), lambda b, g, j, iv: (b, g, j, 0))
+
+    return dict(
+        grid=grid,
+        rows=rows,
+        gates=spec((None, None, tg), lambda b, g, j, iv: (b, j, g)),
+        seg=spec((None, tg), lambda b, g, j, iv: (b, g)),
+        state=spec((None, None, None, cfg.K, BV), lambda b, g, j, iv: (b, g, j, 0, iv)),
+        chunks=spec((None, None, (cfg.N // G) * cfg.K, BV), lambda b, g, j, iv: (b, j, g, iv)),
+    )
+
+
 def _state_fwd(cfg, w, u, k, gamma, seg, state0):
-    B, Tp, HV, K, V, R, BV, N = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.BVS, cfg.N
-    spec = pl.BlockSpec
-    return _call(
+    """Forward state pass -> (chunk-start states [B,HV,N*K,V] in the storage dtype, v_new
+    [B,Tp,HV,V], final state [B,HV,K,V] f32). With cfg.G > 1 the chunks run in G parallel
+    groups (_state_groups_start gives each group's start state)."""
+    B, Tp, HV, K, V, G = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.G
+    starts = state0[:, None] if G == 1 else _state_groups_start(cfg, w, u, k, gamma, seg, state0)
+    sp = _seq_specs(cfg)
+    K_rows, V_rows = sp["rows"](K), sp["rows"]()
+    states, vn, finals = _call(
         _state_fwd_kernel,
         cfg,
-        (B, HV, V // BV),
+        sp["grid"],
+        [K_rows, V_rows, sp["rows"](K, key_head=True), sp["gates"], sp["seg"], sp["state"]],
+        [sp["chunks"], V_rows, sp["state"]],
         [
-            spec((None, Tp, None, K), lambda b, j, iv: (b, 0, j, 0)),
-            spec((None, Tp, None, BV), lambda b, j, iv: (b, 0, j, iv)),
-            spec((None, Tp, None, K), lambda b, j, iv: (b, 0, j // R, 0)),
-            spec((None, None, Tp), lambda b, j, iv: (b, j, 0)),
-            spec((None, Tp), lambda b, j, iv: (b, 0)),
-            spec((None, None, K, BV), lambda b, j, iv: (b, j, 0, iv)),
-        ],
-        [
-            spec((None, None, N * K, BV), lambda b, j, iv: (b, j, 0, iv)),
-            spec((None, Tp, None, BV), lambda b, j, iv: (b, 0, j, iv)),
-            spec((None, None, K, BV), lambda b, j, iv: (b, j, 0, iv)),
-        ],
-        [
-            _sds((B, HV, N * K, V), cfg.dtype),
+            _sds((B, HV, cfg.N * K, V), cfg.dtype),
             _sds((B, Tp, HV, V), cfg.dtype),
-            _sds((B, HV, K, V), _F32),
+            _sds((B, G, HV, K, V), _F32),
         ],
         num_warps=cfg.WS,
         num_stages=cfg.stages_seq,
-    )(w, u, k, gamma, seg, state0)
+    )(w, u, k, gamma, seg, starts)
+    return states, vn, finals[:, -1]
+
+
+def _state_groups_start(cfg, w, u, k, gamma, seg, state0):
+    """[B, G, HV, K, V] f32: every sequence group's true start state. Per group, in parallel: its
+    end state from zero (end0) and its transition T ([K, K]: the pass without u from the
+    identity); then start[g+1] = T[g] @ start[g] + end0[g] for g < G (unrolled: G is small)."""
+    B, HV, K, V, G = cfg.B, cfg.HV, cfg.K, cfg.V, cfg.G
+
+    def end_call(width, *extra):
+        sp = _seq_specs(cfg, width)
+        K_rows = sp["rows"](K)
+        return _call(
+            _state_end_kernel,
+            cfg,
+            sp["grid"],
+            [K_rows, sp["rows"](K, key_head=True), sp["gates"], sp["seg"]]
+            + [sp["rows"]()] * len(extra),
+            sp["state"],
+            _sds((B, G, HV, K, width), _F32),
+            num_warps=cfg.WS,
+            num_stages=cfg.stages_seq,
+        )(w, k, gamma, seg, *extra)
+
+    end0, trans = end_call(V, u), end_call(K)
+    starts = [state0.astype(_F32)]
+    for g in range(G - 1):
+        nxt = jnp.einsum(
+            "bhkl,bhlv->bhkv", trans[:, g], starts[-1], precision=jax.lax.Precision.HIGHEST
+        )
+        starts.append(nxt + end0[:, g])
+    return jnp.stack(starts, axis=1)
 
 
 def _output(cfg, q, k, states, vn, gamma, seg, out_dtype):
@@ -925,34 +1079,65 @@ def _vn(cfg, w, u, states):
 
 
 def _state_bwd(cfg, q, k, w, gamma, seg, do, dv_local, dfinal):
-    B, Tp, HV, K, V, R, BV, N = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.R, cfg.BVS, cfg.N
-    spec = pl.BlockSpec
-    qk_spec = spec((None, Tp, None, K), lambda b, j, iv: (b, 0, j // R, 0))
-    tv_spec = spec((None, Tp, None, BV), lambda b, j, iv: (b, 0, j, iv))
-    kv_spec = spec((None, None, K, BV), lambda b, j, iv: (b, j, 0, iv))
-    return _call(
+    """Reverse state pass -> (d chunk-start states [B,HV,N*K,V], dv_new [B,Tp,HV,V], d initial
+    state [B,HV,K,V] f32); with cfg.G > 1 in G parallel sequence groups, as the forward."""
+    B, Tp, HV, K, V, G = cfg.B, cfg.Tp, cfg.HV, cfg.K, cfg.V, cfg.G
+    srcs = [do] if cfg.dvl_in_state else [do, dv_local]
+    if G == 1:
+        ends = dfinal[:, None]
+    else:
+        ends = _state_groups_end_cotangent(cfg, q, k, w, gamma, seg, srcs, dfinal)
+    sp = _seq_specs(cfg)
+    V_rows = sp["rows"]()
+    qk_rows = sp["rows"](K, key_head=True)
+    dst, dvn, dstarts = _call(
         _state_bwd_kernel,
         cfg,
-        (B, HV, V // BV),
+        sp["grid"],
+        [qk_rows, qk_rows, sp["rows"](K), sp["gates"], sp["seg"]]
+        + [V_rows] * len(srcs)
+        + [sp["state"]],
+        [sp["chunks"], V_rows, sp["state"]],
         [
-            qk_spec,
-            qk_spec,
-            spec((None, Tp, None, K), lambda b, j, iv: (b, 0, j, 0)),
-            spec((None, None, Tp), lambda b, j, iv: (b, j, 0)),
-            spec((None, Tp), lambda b, j, iv: (b, 0)),
-            tv_spec,
-            *([] if cfg.dvl_in_state else [tv_spec]),
-            kv_spec,
-        ],
-        [spec((None, None, N * K, BV), lambda b, j, iv: (b, j, 0, iv)), tv_spec, kv_spec],
-        [
-            _sds((B, HV, N * K, V), cfg.dtype),
+            _sds((B, HV, cfg.N * K, V), cfg.dtype),
             _sds((B, Tp, HV, V), cfg.dtype),
-            _sds((B, HV, K, V), _F32),
+            _sds((B, G, HV, K, V), _F32),
         ],
         num_warps=cfg.WSB,
         num_stages=cfg.stages_seq,
-    )(q, k, w, gamma, seg, do, *([] if cfg.dvl_in_state else [dv_local]), dfinal)
+    )(q, k, w, gamma, seg, *srcs, ends)
+    return dst, dvn, dstarts[:, 0]
+
+
+def _state_groups_end_cotangent(cfg, q, k, w, gamma, seg, srcs, dfinal):
+    """[B, G, HV, K, V] f32: the cotangent of every sequence group's end state. Per group, in
+    parallel: its start cotangent from a zero end cotangent with the output's sources (start0)
+    and its reverse transition Tr (the pass without sources from the identity); then
+    end[g-1] = Tr[g] @ end[g] + start0[g], from end[G-1] = dfinal."""
+    B, HV, K, V, G = cfg.B, cfg.HV, cfg.K, cfg.V, cfg.G
+
+    def end_call(width, *extra):
+        sp = _seq_specs(cfg, width)
+        qk_rows = sp["rows"](K, key_head=True)
+        return _call(
+            _state_bwd_end_kernel,
+            cfg,
+            sp["grid"],
+            [qk_rows, qk_rows, sp["rows"](K), sp["gates"], sp["seg"]] + [sp["rows"]()] * len(extra),
+            sp["state"],
+            _sds((B, G, HV, K, width), _F32),
+            num_warps=cfg.WSB,
+            num_stages=cfg.stages_seq,
+        )(q, k, w, gamma, seg, *extra)
+
+    start0, trans = end_call(V, *srcs), end_call(K)
+    ends = [dfinal.astype(_F32)]
+    for g in range(G - 1, 0, -1):
+        prev = jnp.einsum(
+            "bhkl,bhlv->bhkv", trans[:, g], ends[0], precision=jax.lax.Precision.HIGHEST
+        )
+        ends.insert(0, prev + start0[:, g])
+    return jnp.stack(ends, axis=1)
 
 
 def _group_specs(cfg, hv):
