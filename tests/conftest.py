@@ -14,8 +14,14 @@ starts last while the other worker idles.
 
 import os
 
+# The CPU runtime aborts the process when a collective's threads do not all reach its rendezvous
+# within a termination timeout. A worker aborted twice, under load on 2 cores, while
+# test_expert_parallel_matches_single_device waited for its all-to-all program, which fits 8
+# device threads arriving late; allow them 10 minutes.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=600"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_cache", "jax")

@@ -929,13 +929,21 @@ def _intra(cfg, k, v, gamma, beta, seg, with_tinv=False):
 
 
 def _seq_specs(cfg, width=None):
-    """Grid (B, G, HV, width / BV) and BlockSpec makers over one sequence group of the state
-    passes: token rows [B, Tp, heads, cols], gates [B, HV, Tp], segments [B, Tp], per-group
-    states [B, G, HV, K, cols] and chunk states [B, HV, N*K, cols]."""
+    """Grid (B, G, HV, width / BV) (no G axis when G = 1) and BlockSpec makers over one
+    sequence group of the state passes: token rows [B, Tp, heads, cols], gates [B, HV, Tp],
+    segments [B, Tp], per-group states [B, G, HV, K, cols] and chunk states [B, HV, N*K, cols].
+    """
     width = width or cfg.V
     G, R, BV = cfg.G, cfg.R, min(cfg.BVS, width)
-    tg, spec = cfg.Tp // G, pl.BlockSpec
-    grid = (cfg.B, G, cfg.HV, width // BV)
+    tg = cfg.Tp // G
+    # one group: the grid without the group axis (the launch every benchmark figure was taken
+    # with); else program_id(1) is the group and program_id(3) the column block
+    grid = (cfg.B, cfg.HV, width // BV) if G == 1 else (cfg.B, G, cfg.HV, width // BV)
+
+    def spec(block, index_map):  # index_map(b, g, j, iv) on either grid
+        if G == 1:
+            return pl.BlockSpec(block, lambda b, j, iv: index_map(b, 0, j, iv))
+        return pl.BlockSpec(block, index_map)
 
     def rows(cols=None, key_head=False):
         """cols None: the program's BV columns of a value-head array; else all cols columns of
