@@ -9,7 +9,9 @@ Five kernels, all fp32-accumulating, none materialising per-tile weight copies:
             y       = h @ Wd[e]
   backward  dg, du  = swiglu'(dy @ Wd[e]^T; g, u)       (epilogue fused)
             dx      = dg @ Wg[e]^T + du @ Wu[e]^T
-            dWd[e]  = h_e^T dy_e;  dWg[e], dWu[e] = x_e^T dg_e, x_e^T du_e   (per-expert loops)
+            dWd[e]  = h_e^T dy_e;  dWg[e], dWu[e] = x_e^T dg_e, x_e^T du_e   (per-expert loops,
+                                                  one kernel each; TGMM_PAIR: dWg, dWu in one)
+Launch config: BLOCK_N / BLOCK_K / NUM_WARPS / NUM_STAGES, per kernel overridden by TUNE.
 Padding rows hold x = 0 and dy = 0 (the dispatch fills them so), hence contribute nothing to dW.
 On a non-GPU platform the kernels run in Pallas interpret mode (tests).
 
@@ -17,7 +19,8 @@ Fused variant (`fused_routed_swiglu`, backend "pallas_fused"): the same layout a
 [R, D] row buffer exists in either direction. The gate-up kernel and the dW_gate/dW_up kernel read
 row r as x[tok[r]] from the token-major x (a row gather by pointer arithmetic, `x_ref[tok, cols]`);
 the gate-up epilogue multiplies by the routing weight, h = w * swiglu, so the output is a plain
-K-row sum; the down backward and dW_down kernels read the output cotangent as gy[tok[r]] (the
+K-row sum (`sum_rows`, a gather-sum kernel, as is dx's sum over each token's K rows); the down
+backward and dW_down kernels read the output cotangent as gy[tok[r]] (the
 combine's transpose) and the down backward also yields dL/dw = <gy[tok] @ Wd^T, swiglu>. Empty
 rows read token 0 with weight 0, so h = 0 and dh = 0 there: they add nothing to any gradient.
 Per 32K tokens (R ~ 360K rows, D = 2048, bf16) this drops the sorted copy of x (write + read
