@@ -55,8 +55,8 @@ def test_kernels_match_reference_outputs_state_and_all_grads():
 def test_kernel_options_match_reference(tuning):
     """The non-default kernel paths (the defaults run in the other tests): fused intra kernel,
     separate dv_local kernel (with the state passes split into 4 sequence groups; 2 groups with
-    the first-order WY backward, so both forms of the reverse group kernel run), key-head grids for the dq/dk and WY kernels, dq/dk walking V in
-    blocks, XLA gates, dq/dk and WY fused in one kernel, the inverse recomputed in the
+    the first-order WY backward, so both forms of the reverse group kernel run), key-head grids
+    for the dq/dk and WY kernels, dq/dk walking V in blocks, XLA gates, dq/dk and WY fused in one kernel, the inverse recomputed in the
     backward, row substitution, the inverse on a key-head grid, bf16 dq/dk partials (their
     gradients to bf16 accuracy), the WY backward in its first order and the reordered one
     on the key-head grid. Segments and pad."""

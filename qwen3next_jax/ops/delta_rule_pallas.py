@@ -432,24 +432,42 @@ def _wu_kernel(k_ref, v_ref, g_ref, b_ref, s_ref, tinv_ref, w_ref, u_ref, *, cfg
     w_ref[...] = _mm(Ti_CC, bg_C[:, None] * k_ref[...].astype(_F32), dt).astype(w_ref.dtype)
 
 
+def _fwd_chunk(cfg, w_ref, k_ref, g_ref, s_ref, rows, S_KV, u_ref=None, vn_ref=None):
+    """One chunk of the forward recurrence from state S_KV ([K, BV] f32) -> the next state
+    passes * S + k^T (kdec . v_new), with v_new = U - W S (stored to vn_ref if given). Without
+    u_ref (a group's transition, the recurrence's linear part) v_new = -W S."""
+    dt = cfg.dtype
+    _, _, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
+    if u_ref is None:
+        vn_CV = -_mm(w_ref[rows, :], S_KV, dt)
+    else:
+        vn_CV = u_ref[rows, :].astype(_F32) - _mm(w_ref[rows, :], S_KV, dt)
+    if vn_ref is not None:
+        vn_ref[rows, :] = vn_CV.astype(vn_ref.dtype)
+    # the decay on the [C, BV] side, so k goes from memory straight to the product (scaling k
+    # first cost 0.77 against 0.65 ms at B1 T32K on an H200)
+    return passes * S_KV + _mm(k_ref[rows, :], kdec_C[:, None] * vn_CV, dt, ta=True)
+
+
+def _identity_cols(K, bw):
+    """[K, bw] f32: the columns of the K x K identity in this program's column block (grid axis
+    3), the start of a sequence group's transition."""
+    return (_iota((K, bw), 0) == _iota((K, bw), 1) + pl.program_id(3) * bw).astype(_F32)
+
+
 def _state_fwd_kernel(
     w_ref, u_ref, k_ref, g_ref, s_ref, s0_ref, states_ref, vn_ref, final_ref, *, cfg
 ):
-    """Sequential pass for one value head and one V block (refs span the whole sequence)."""
-    C, K, dt = cfg.C, cfg.K, cfg.dtype
+    """Sequential pass for one value head and one V block over the whole sequence or one
+    sequence group (the refs' rows)."""
+    C, K = cfg.C, cfg.K
 
     def body(n, S_KV):
         rows = pl.ds(pl.multiple_of(n * C, C), C)
         states_ref[pl.ds(pl.multiple_of(n * K, K), K), :] = S_KV.astype(states_ref.dtype)
-        _, _, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
-        vn_CV = u_ref[rows, :].astype(_F32) - _mm(w_ref[rows, :], S_KV, dt)
-        vn_ref[rows, :] = vn_CV.astype(vn_ref.dtype)
-        # the decay on the [C, BV] side, so k goes from memory straight to the product (scaling
-        # k first cost 0.77 against 0.65 ms at B1 T32K on an H200)
-        return passes * S_KV + _mm(k_ref[rows, :], kdec_C[:, None] * vn_CV, dt, ta=True)
+        return _fwd_chunk(cfg, w_ref, k_ref, g_ref, s_ref, rows, S_KV, u_ref, vn_ref)
 
-    n_chunks = g_ref.shape[0] // C  # the whole sequence, or one sequence group
-    final_ref[...] = jax.lax.fori_loop(0, n_chunks, body, s0_ref[...].astype(_F32))
+    final_ref[...] = jax.lax.fori_loop(0, g_ref.shape[0] // C, body, s0_ref[...].astype(_F32))
 
 
 def _state_end_kernel(w_ref, k_ref, g_ref, s_ref, *refs, cfg):
@@ -458,22 +476,14 @@ def _state_end_kernel(w_ref, k_ref, g_ref, s_ref, *refs, cfg):
     refs (u_ref, end_ref): the end state from a zero start ([K, BV]); (end_ref,): the group's
     transition, the same recurrence without u from the identity ([K, BK], columns of I), so
     that end(S0) = transition @ S0 + end(0)."""
-    C, K, dt = cfg.C, cfg.K, cfg.dtype
+    C, K = cfg.C, cfg.K
     u_ref, end_ref = refs if len(refs) == 2 else (None, refs[0])
     bw = end_ref.shape[1]
-    if u_ref is None:
-        col0 = pl.program_id(3) * bw
-        S0 = (_iota((K, bw), 0) == _iota((K, bw), 1) + col0).astype(_F32)
-    else:
-        S0 = jnp.zeros((K, bw), _F32)
+    S0 = _identity_cols(K, bw) if u_ref is None else jnp.zeros((K, bw), _F32)
 
     def body(n, S_KV):
         rows = pl.ds(pl.multiple_of(n * C, C), C)
-        _, _, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
-        vn_CV = -_mm(w_ref[rows, :], S_KV, dt)
-        if u_ref is not None:
-            vn_CV = vn_CV + u_ref[rows, :].astype(_F32)
-        return passes * S_KV + _mm(k_ref[rows, :], kdec_C[:, None] * vn_CV, dt, ta=True)
+        return _fwd_chunk(cfg, w_ref, k_ref, g_ref, s_ref, rows, S_KV, u_ref)
 
     end_ref[...] = jax.lax.fori_loop(0, g_ref.shape[0] // C, body, S0)
 
@@ -502,29 +512,24 @@ def _dv_local_kernel(
     dvl_ref[...] = (cfg.scale * _mm(aqk_CC, do_ref[...], dt, ta=True)).astype(dvl_ref.dtype)
 
 
-def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, s_ref, do_ref, *refs, cfg):
-    """Reverse pass for one value head and one V block: dS_KV is d(state after chunk n).
-
-    refs: (dvl_ref,) dfin_ref, dst_ref, dvn_ref, ds0_ref; with cfg.dvl_in_state there is no
-    dvl_ref and the chunk-local dv = scale (q k^T . L)^T do is computed here, off the chain of
-    dependent products the pass waits on. The gates go on the [C, BV] operands and results, not
-    on q and k, which thus go from memory straight to the products (1.96 -> 1.11 ms at B1 T32K
-    on an H200). (v_new recomputed in this loop instead of its own kernel was slower: 2.06 ms
-    with 2 pipeline stages, and 3 no longer fit in shared memory.)
-    """
-    C, K, N, dt = cfg.C, cfg.K, g_ref.shape[0] // cfg.C, cfg.dtype  # N: this group's chunks
-    if cfg.dvl_in_state:
-        dfin_ref, dst_ref, dvn_ref, ds0_ref = refs
+def _bwd_chunk(
+    cfg, q_ref, k_ref, w_ref, g_ref, s_ref, rows, dS_KV, do_ref=None, dvl_ref=None, dvn_ref=None
+):
+    """One chunk of the reverse recurrence from dS_KV (the cotangent of the state after the
+    chunk, [K, BV] f32) -> the cotangent of the state before it; dv_new is stored to dvn_ref if
+    given. Without do_ref (a group's reverse transition) the output's terms are left out; with
+    do_ref and no dvl_ref the chunk-local dv = scale (q k^T . L)^T do is computed here, off the
+    chain of dependent products the pass waits on. The gates go on the [C, BV] operands and
+    results, not on q and k, which thus go from memory straight to the products (1.96 -> 1.11 ms
+    at B1 T32K on an H200)."""
+    dt = cfg.dtype
+    L_CC, gexp_C, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
+    if do_ref is None:
+        dvn_CV = kdec_C[:, None] * _mm(k_ref[rows, :], dS_KV, dt)
+        read_KV = None
     else:
-        dvl_ref, dfin_ref, dst_ref, dvn_ref, ds0_ref = refs
-
-    def body(i, dS_KV):
-        n = N - 1 - i
-        rows = pl.ds(pl.multiple_of(n * C, C), C)
-        dst_ref[pl.ds(pl.multiple_of(n * K, K), K), :] = dS_KV.astype(dst_ref.dtype)
-        L_CC, gexp_C, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
         k_CK, q_CK, do_CV = k_ref[rows, :], q_ref[rows, :], do_ref[rows, :]
-        if cfg.dvl_in_state:
+        if dvl_ref is None:
             aqk_CC = _mm(q_CK, k_CK, dt, tb=True) * L_CC
             dvl_CV = cfg.scale * _mm(aqk_CC, do_CV, dt, ta=True)
         else:
@@ -532,9 +537,35 @@ def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, s_ref, do_ref, *refs, cfg):
         dvn_CV = dvl_CV + kdec_C[:, None] * _mm(k_CK, dS_KV, dt)
         dod_CV = do_CV.astype(_F32) * (cfg.scale * gexp_C)[:, None]
         read_KV = _mm(q_CK, dod_CV, dt, ta=True)
+    if dvn_ref is not None:
         # every product that reads dv_new casts it to the storage dtype: store it so
         dvn_ref[rows, :] = dvn_CV.astype(dvn_ref.dtype)
-        return passes * dS_KV + read_KV - _mm(w_ref[rows, :], dvn_CV, dt, ta=True)
+    carried_KV = passes * dS_KV if read_KV is None else passes * dS_KV + read_KV
+    return carried_KV - _mm(w_ref[rows, :], dvn_CV, dt, ta=True)
+
+
+def _state_bwd_kernel(q_ref, k_ref, w_ref, g_ref, s_ref, do_ref, *refs, cfg):
+    """Reverse pass for one value head and one V block (over the whole sequence or one sequence
+    group): dS_KV is d(state after chunk n).
+
+    refs: (dvl_ref,) dfin_ref, dst_ref, dvn_ref, ds0_ref; with cfg.dvl_in_state there is no
+    dvl_ref (_bwd_chunk computes the chunk-local dv). (v_new recomputed in this loop instead of
+    its own kernel was slower: 2.06 ms with 2 pipeline stages, and 3 no longer fit in shared
+    memory.)
+    """
+    C, K, N = cfg.C, cfg.K, g_ref.shape[0] // cfg.C  # N: this pass's chunks
+    if cfg.dvl_in_state:
+        dvl_ref, (dfin_ref, dst_ref, dvn_ref, ds0_ref) = None, refs
+    else:
+        dvl_ref, dfin_ref, dst_ref, dvn_ref, ds0_ref = refs
+
+    def body(i, dS_KV):
+        n = N - 1 - i
+        rows = pl.ds(pl.multiple_of(n * C, C), C)
+        dst_ref[pl.ds(pl.multiple_of(n * K, K), K), :] = dS_KV.astype(dst_ref.dtype)
+        return _bwd_chunk(
+            cfg, q_ref, k_ref, w_ref, g_ref, s_ref, rows, dS_KV, do_ref, dvl_ref, dvn_ref
+        )
 
     ds0_ref[...] = jax.lax.fori_loop(0, N, body, dfin_ref[...].astype(_F32))
 
@@ -545,33 +576,16 @@ def _state_bwd_end_kernel(q_ref, k_ref, w_ref, g_ref, s_ref, *refs, cfg):
     refs (do_ref, [dvl_ref,] ds0_ref): from a zero cotangent at the group's end, with the
     output's sources; (ds0_ref,): the group's reverse transition, the recurrence without sources
     from the identity, so that start(dS_end) = transition @ dS_end + start(0)."""
-    C, K, dt = cfg.C, cfg.K, cfg.dtype
-    ds0_ref = refs[-1]
-    src = refs[:-1]
+    C, K = cfg.C, cfg.K
+    *src, ds0_ref = refs
+    do_ref, dvl_ref = (src + [None, None])[:2]
     bw = ds0_ref.shape[1]
-    if src:
-        dS0 = jnp.zeros((K, bw), _F32)
-    else:
-        col0 = pl.program_id(3) * bw
-        dS0 = (_iota((K, bw), 0) == _iota((K, bw), 1) + col0).astype(_F32)
+    dS0 = jnp.zeros((K, bw), _F32) if src else _identity_cols(K, bw)
     n_chunks = g_ref.shape[0] // C
 
     def body(i, dS_KV):
         rows = pl.ds(pl.multiple_of((n_chunks - 1 - i) * C, C), C)
-        L_CC, gexp_C, kdec_C, passes = _chunk_gates(g_ref[rows], s_ref[rows])
-        k_CK = k_ref[rows, :]
-        dvn_CV = kdec_C[:, None] * _mm(k_CK, dS_KV, dt)
-        out = passes * dS_KV
-        if src:
-            q_CK, do_CV = q_ref[rows, :], src[0][rows, :]
-            if cfg.dvl_in_state:
-                aqk_CC = _mm(q_CK, k_CK, dt, tb=True) * L_CC
-                dvn_CV = dvn_CV + cfg.scale * _mm(aqk_CC, do_CV, dt, ta=True)
-            else:
-                dvn_CV = dvn_CV + src[1][rows, :].astype(_F32)
-            dod_CV = do_CV.astype(_F32) * (cfg.scale * gexp_C)[:, None]
-            out = out + _mm(q_CK, dod_CV, dt, ta=True)
-        return out - _mm(w_ref[rows, :], dvn_CV, dt, ta=True)
+        return _bwd_chunk(cfg, q_ref, k_ref, w_ref, g_ref, s_ref, rows, dS_KV, do_ref, dvl_ref)
 
     ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dS0)
 
@@ -1010,14 +1024,21 @@ def _state_groups_start(cfg, w, u, k, gamma, seg, state0):
             num_stages=cfg.stages_seq,
         )(w, k, gamma, seg, *extra)
 
-    end0, trans = end_call(V, u), end_call(K)
-    starts = [state0.astype(_F32)]
-    for g in range(G - 1):
+    return _chain_groups(state0, end_call(K), end_call(V, u))
+
+
+def _chain_groups(x0, trans, const, reverse=False):
+    """[B, G, HV, K, V] f32 from the per-group [B, G, HV, K, K] trans and [B, G, HV, K, V] const:
+    x[0] = x0 and x[g+1] = trans[g] @ x[g] + const[g]; reverse: x[G-1] = x0 and
+    x[g-1] = trans[g] @ x[g] + const[g]. Unrolled: G is small."""
+    G = trans.shape[1]
+    xs = [x0.astype(_F32)]
+    for g in range(G - 1, 0, -1) if reverse else range(G - 1):
         nxt = jnp.einsum(
-            "bhkl,bhlv->bhkv", trans[:, g], starts[-1], precision=jax.lax.Precision.HIGHEST
+            "bhkl,bhlv->bhkv", trans[:, g], xs[-1], precision=jax.lax.Precision.HIGHEST
         )
-        starts.append(nxt + end0[:, g])
-    return jnp.stack(starts, axis=1)
+        xs.append(nxt + const[:, g])
+    return jnp.stack(xs[::-1] if reverse else xs, axis=1)
 
 
 def _output(cfg, q, k, states, vn, gamma, seg, out_dtype):
@@ -1138,14 +1159,7 @@ def _state_groups_end_cotangent(cfg, q, k, w, gamma, seg, srcs, dfinal):
             num_stages=cfg.stages_seq,
         )(q, k, w, gamma, seg, *extra)
 
-    start0, trans = end_call(V, *srcs), end_call(K)
-    ends = [dfinal.astype(_F32)]
-    for g in range(G - 1, 0, -1):
-        prev = jnp.einsum(
-            "bhkl,bhlv->bhkv", trans[:, g], ends[0], precision=jax.lax.Precision.HIGHEST
-        )
-        ends.insert(0, prev + start0[:, g])
-    return jnp.stack(ends, axis=1)
+    return _chain_groups(dfinal, end_call(K), end_call(V, *srcs), reverse=True)
 
 
 def _group_specs(cfg, hv):
