@@ -112,6 +112,22 @@ def test_fused_matches_unfused_pallas(dtype, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("variant", ["split down backward", "row sub-blocks, oblong dW tiles"])
+def test_fused_launch_variants_match_reference(variant, monkeypatch):
+    """Launch options that change what each program computes: the down backward's epilogue in
+    XLA (DOWN_BWD_SPLIT), row blocks of half a tile in every row kernel and dW tiles with unequal
+    sides (TUNE "bm", "ba", "bb")."""
+    if variant == "split down backward":
+        monkeypatch.setattr(moe_pallas, "DOWN_BWD_SPLIT", True)
+    else:
+        half = {"bm": moe_pallas.TILE_M // 2}
+        tune = {k: dict(half) for k in ("gateup", "down", "down_bwd", "dx")}
+        tune["tgmm"] = {"ba": moe_pallas.BLOCK_N * 2, "bb": moe_pallas.BLOCK_N}
+        monkeypatch.setattr(moe_pallas, "TUNE", tune)
+    args = _inputs(jnp.float32, "random", seed=4)
+    _assert_close(_run("pallas_fused", args, tune=variant), _run("reference", args), 1e-5)
+
+
 def test_fused_capacity_drops_match_unfused():
     # cf 0.5: experts keep half the balanced load, so many slots are dropped (zero output and
     # zero weight gradient); the drop rule itself is tested against the reference elsewhere.

@@ -48,6 +48,9 @@ TGMM_ROWS_PAIR = 128
 # single-output kernels like dW_down (32K tokens on an H200, 8 warps: 4.07 ms paired, 3.87 for
 # the two single ones)
 TGMM_PAIR = False
+# The fused down backward as one kernel with the SwiGLU backward in its epilogue (False), or as
+# the plain product dL/dh' = gy[tok] @ Wd^T in a kernel and the epilogue's elementwise work in XLA
+DOWN_BWD_SPLIT = False
 NUM_WARPS = 8
 NUM_STAGES = 3
 # Per-kernel launch overrides, {kernel: {"bn": output columns, "bk": contraction step, "warps": n,
@@ -73,6 +76,15 @@ def _tune(name: str, key: str, default):
 def _blocks(name: str, n: int, k: int) -> tuple[int, int]:
     """(output columns, contraction step) of kernel `name` for an output width n, depth k."""
     return _block(n, _tune(name, "bn", BLOCK_N)), _block(k, _tune(name, "bk", BLOCK_K))
+
+
+def _row_blocks(name: str, tg):
+    """(rows per program, the group of each row block) of row-tile kernel `name`: TUNE's "bm"
+    splits every TILE_M tile into TILE_M / bm blocks of the same group (bm divides TILE_M)."""
+    bm = min(_tune(name, "bm", TILE_M), TILE_M)
+    if TILE_M % bm:
+        raise ValueError(f"MoE pallas backend: TUNE[{name!r}]['bm']={bm} must divide {TILE_M}")
+    return bm, (tg if bm == TILE_M else jnp.repeat(tg, TILE_M // bm))
 
 
 def _interpret() -> bool:
@@ -283,6 +295,34 @@ def _gateup_gather_kernel(tg_ref, tok_ref, w_ref, x_ref, wg_ref, wu_ref, *out_re
             o_ref[...] = jnp.zeros((bm, bn), o_ref.dtype)
 
 
+def _gathered_dot_t(tok_ref, a_ref, w_ref, e, j, bm, bn, bk):
+    """[bm, bn] fp32: a[tok] @ w[e, column block j]^T for one row block (rows gathered by token
+    from the token-major a [T, A]; w [G, N, A])."""
+    tok = tok_ref[...]
+    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
+
+    def body(k, acc):
+        ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+        return acc + _mm(a_ref[tok, ks], w_ref[e, cols, ks], contract=(1, 1))
+
+    return jax.lax.fori_loop(0, a_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
+
+
+def _dwh_gather_kernel(tg_ref, tok_ref, gy_ref, wd_ref, o_ref, *, bk):
+    """The down backward's product alone (DOWN_BWD_SPLIT): o = gy[tok] @ Wd[e]^T."""
+    j, i = pl.program_id(0), pl.program_id(1)
+    e = tg_ref[i]
+    bm, bn = o_ref.shape
+
+    @pl.when(e >= 0)
+    def _():
+        o_ref[...] = _gathered_dot_t(tok_ref, gy_ref, wd_ref, e, j, bm, bn, bk).astype(o_ref.dtype)
+
+    @pl.when(e < 0)
+    def _():
+        o_ref[...] = jnp.zeros((bm, bn), o_ref.dtype)
+
+
 def _down_bwd_gather_kernel(
     tg_ref, tok_ref, w_ref, gy_ref, wd_ref, g_ref, u_ref, dg_ref, du_ref, gw_ref, *, bk
 ):
@@ -292,17 +332,10 @@ def _down_bwd_gather_kernel(
     j, i = pl.program_id(0), pl.program_id(1)
     e = tg_ref[i]
     bm, bn = dg_ref.shape
-    cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
 
     @pl.when(e >= 0)
     def _():
-        tok = tok_ref[...]
-
-        def body(k, acc):
-            ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-            return acc + _mm(gy_ref[tok, ks], wd_ref[e, cols, ks], contract=(1, 1))
-
-        dwh = jax.lax.fori_loop(0, gy_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
+        dwh = _gathered_dot_t(tok_ref, gy_ref, wd_ref, e, j, bm, bn, bk)
         g = g_ref[...].astype(jnp.float32)
         u = u_ref[...].astype(jnp.float32)
         s = _sigmoid(g)
@@ -378,7 +411,7 @@ def _tile_maps(sizes_G, start_G, num_rows):
 def _gateup(tg, x_RD, wg, wu):
     r, d = x_RD.shape
     f = wg.shape[2]
-    bm, (bn, bk) = TILE_M, _blocks("gateup", f, d)
+    (bm, tg), (bn, bk) = _row_blocks("gateup", tg), _blocks("gateup", f, d)
     out = jax.ShapeDtypeStruct((r, f), x_RD.dtype)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     return _call(
@@ -400,7 +433,7 @@ def _gateup(tg, x_RD, wg, wu):
 def _down(tg, h_RF, wd):
     r, f = h_RF.shape
     d = wd.shape[2]
-    bm, (bn, bk) = TILE_M, _blocks("down", d, f)
+    (bm, tg), (bn, bk) = _row_blocks("down", tg), _blocks("down", d, f)
     return _call(
         functools.partial(_down_kernel, bk=bk),
         (d // bn, r // bm),
@@ -415,7 +448,7 @@ def _down(tg, h_RF, wd):
 def _down_bwd(tg, dy_RD, wd, g_RF, u_RF):
     r, d = dy_RD.shape
     f = wd.shape[1]
-    bm, (bn, bk) = TILE_M, _blocks("down_bwd", f, d)
+    (bm, tg), (bn, bk) = _row_blocks("down_bwd", tg), _blocks("down_bwd", f, d)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
     return _call(
@@ -432,7 +465,7 @@ def _down_bwd(tg, dy_RD, wd, g_RF, u_RF):
 def _dx(tg, dg_RF, du_RF, wg, wu):
     r, f = dg_RF.shape
     d = wg.shape[1]
-    bm, (bn, bk) = TILE_M, _blocks("dx", d, f)
+    (bm, tg), (bn, bk) = _row_blocks("dx", tg), _blocks("dx", d, f)
     rows = pl.BlockSpec((bm, f), lambda j, i: (i, 0))
     return _call(
         functools.partial(_dx_kernel, bk=bk),
@@ -452,7 +485,8 @@ def _tgmm(lo_G, hi_G, a_RA, bs, out_dtype, tok_R=None, gather=(False, False)):
     a = a_RA.shape[1]
     b = bs[0].shape[1]
     name = "tgmm_pair" if len(bs) == 2 else "tgmm"
-    ba, bb = _block(a, _tune(name, "bn", BLOCK_N)), _block(b, _tune(name, "bn", BLOCK_N))
+    bn = _tune(name, "bn", BLOCK_N)
+    ba, bb = _block(a, _tune(name, "ba", bn)), _block(b, _tune(name, "bb", bn))
     out_spec = pl.BlockSpec((None, ba, bb), lambda j, i, e: (e, i, j))
     rows = min(TGMM_ROWS_PAIR if len(bs) == 2 else TGMM_ROWS, TILE_M)
     if TILE_M % rows:
@@ -480,7 +514,7 @@ def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals):
     """(h,) or (h, g, u), each [R, F] in x's dtype; R = tok_R's length."""
     r, d = tok_R.shape[0], x_TD.shape[1]
     f = wg.shape[2]
-    bm, (bn, bk) = TILE_M, _blocks("gateup", f, d)
+    (bm, tg), (bn, bk) = _row_blocks("gateup", tg), _blocks("gateup", f, d)
     out = jax.ShapeDtypeStruct((r, f), x_TD.dtype)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
@@ -497,13 +531,24 @@ def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals):
 
 
 def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF):
-    """dg, du [R, F] in g's dtype; gw [F / bn, R] fp32, each column block's share of dL/dw."""
+    """dg, du [R, F] in g's dtype; gw [J, R] fp32, shares of dL/dw to sum over J."""
     r, f = g_RF.shape
     d = gy_TD.shape[1]
-    bm, (bn, bk) = TILE_M, _blocks("down_bwd", f, d)
+    (bm, tg), (bn, bk) = _row_blocks("down_bwd", tg), _blocks("down_bwd", f, d)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
     out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
+    if DOWN_BWD_SPLIT:
+        dwh = _call(
+            functools.partial(_dwh_gather_kernel, bk=bk),
+            (f // bn, r // bm),
+            [_full(tg.shape), row_vec, _full(gy_TD.shape), _full(wd.shape)],
+            tile,
+            out,
+            (bm * bk + bk * bn) * gy_TD.dtype.itemsize,
+            name="down_bwd",
+        )(tg, tok_R, gy_TD, wd)
+        return _swiglu_bwd_rows(dwh, g_RF, u_RF, w_R)
     return _call(
         functools.partial(_down_bwd_gather_kernel, bk=bk),
         (f // bn, r // bm),
@@ -513,6 +558,20 @@ def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF):
         (bm * bk + bk * bn) * gy_TD.dtype.itemsize,
         name="down_bwd",
     )(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF)
+
+
+def _swiglu_bwd_rows(dwh_RF, g_RF, u_RF, w_R):
+    """DOWN_BWD_SPLIT's epilogue in XLA. dwh_RF = gy[tok] @ Wd^T (h's cotangent before the
+    routing weight w_R [R] fp32). Returns dg, du [R, F] in g's dtype and gw [1, R] fp32 =
+    <dwh, swiglu(g, u)> (dL/dw per row)."""
+    f32 = jnp.float32
+    dwh, g, u = dwh_RF.astype(f32), g_RF.astype(f32), u_RF.astype(f32)
+    s = jax.nn.sigmoid(g)
+    gw_1R = jnp.sum(dwh * (g * s * u), axis=1)[None]
+    dh = w_R[:, None] * dwh
+    du = dh * g * s
+    dg = dh * u * s * (1.0 + g * (1.0 - s))
+    return dg.astype(g_RF.dtype), du.astype(g_RF.dtype), gw_1R
 
 
 @jax.custom_vjp
