@@ -125,16 +125,17 @@ class _Cfg:
     # sequence groups of the state passes: 1 = one sequential pass over all chunks; G > 1 splits
     # the chunks into G groups run in parallel (each group's end state from zero and its
     # [K, K] transition, a G-step combine, then every group from its true start state: about 3x
-    # the pass's work over G times the programs); 0 = auto: split when the value-block grid
-    # has fewer programs than half the GPU's multiprocessors (small batch x heads), so that the
-    # grid fills them. Not yet timed on a GPU (at the benchmark's shapes auto keeps one group).
-    seq_groups: int = 0
+    # the pass's work over G times the programs). One group by default: on an H200 the split
+    # lost wherever it was timed, even with a value-block grid under half the multiprocessors
+    # (HV 16, B1: T32K fwd+bwd 4.29 -> 4.55 ms with 4 groups, T8K 1.21 -> 1.34; Qwen3-Next
+    # heads, B1 T32K, 2 groups: 6.69 -> 8.83 ms).
+    seq_groups: int = 1
 
     def __post_init__(self):
-        if self.seq_groups < 0 or (self.seq_groups and self.N % self.seq_groups):
+        if self.seq_groups < 1 or self.N % self.seq_groups:
             raise ValueError(
-                f"seq_groups={self.seq_groups} must divide the {self.N} chunks of the sequence "
-                "(0 = auto)."
+                f"seq_groups={self.seq_groups} must be a positive divisor of the {self.N} chunks "
+                "of the sequence."
             )
 
     @property
@@ -164,14 +165,7 @@ class _Cfg:
     @property
     def G(self):
         """Sequence groups of the state passes (see seq_groups); always divides N."""
-        if self.seq_groups:
-            return self.seq_groups
-        programs = self.B * self.HV * (self.V // self.BVS)
-        g = 1
-        # double while the grid is under the SM count and each group keeps >= 8 chunks
-        while programs * g < self.num_sms and self.N % (2 * g) == 0 and self.N // (2 * g) >= 8:
-            g *= 2
-        return g if programs * 2 <= self.num_sms else 1
+        return self.seq_groups
 
     @property
     def WS(self):
