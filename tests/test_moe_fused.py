@@ -94,12 +94,13 @@ def test_fused_matches_dense_reference(kind, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_matches_unfused_pallas(dtype, monkeypatch):
     """Same kernels, same layout: the fused and the materialised paths agree closely (bf16 rounds
-    w * h instead of y, hence not bitwise). The float32 case runs the fused down backward with
-    narrower column blocks than the other kernels (more dL/dw partials to sum), the bfloat16 case
-    dW_gate and dW_up in one paired kernel."""
+    w * h instead of y, hence not bitwise). The float32 case runs the fused down backward as one
+    kernel (DOWN_BWD_SPLIT off) with narrower column blocks than the other kernels (more dL/dw
+    partials to sum), the bfloat16 case dW_gate and dW_up in one paired kernel."""
     dt = jnp.dtype(dtype)
     if dt == jnp.float32:
-        tune = "down_bwd narrow"
+        tune = "down_bwd one kernel, narrow"
+        monkeypatch.setattr(moe_pallas, "DOWN_BWD_SPLIT", False)
         monkeypatch.setattr(moe_pallas, "TUNE", {"down_bwd": {"bn": moe_pallas.BLOCK_N // 2}})
     else:
         tune = "paired dW_gate, dW_up"
@@ -200,11 +201,11 @@ def test_fused_kernels_lower_to_triton(monkeypatch):
         return jnp.sum(y.astype(jnp.float32))
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5)))
-    exported = jax.export.export(
-        fn,
+    export_kw = dict(
         platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(
+    )
+    args = (
         sd((t, d), bf),
         sd((t, k), jnp.float32),
         sd((t, k), jnp.int32),
@@ -212,12 +213,18 @@ def test_fused_kernels_lower_to_triton(monkeypatch):
         sd((e, d, f), bf),
         sd((e, f, d), bf),
     )
-    text = exported.mlir_module()
-    names = ("_gateup_gather_kernel", "_down_kernel", "_down_bwd_gather_kernel", "_dx_kernel")
-    for name in names:
+    text = jax.export.export(fn, **export_kw)(*args).mlir_module()
+    names = ("_gateup_gather_kernel", "_down_kernel", "_dwh_gather_kernel", "_swiglu_bwd_kernel")
+    for name in (*names, "_dx_kernel"):
         assert f'name = "{name}"' in text, name
     assert text.count('name = "_tgmm_kernel"') == 3  # dW_gate, dW_up, dW_down (TGMM_PAIR off)
     assert text.count('name = "_sum_rows_kernel"') == 2  # the combine and dx's K-row sum
+    # The down backward as one kernel (DOWN_BWD_SPLIT off) lowers too.
+    monkeypatch.setattr(moe_pallas, "DOWN_BWD_SPLIT", False)
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5)))  # a new trace
+    text = jax.export.export(fn, **export_kw)(*args).mlir_module()
+    assert 'name = "_down_bwd_gather_kernel"' in text
+    assert 'name = "_dwh_gather_kernel"' not in text
 
 
 def test_sum_rows_kernel_matches_gather_sum():

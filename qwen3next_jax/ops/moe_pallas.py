@@ -20,8 +20,9 @@ Fused variant (`fused_routed_swiglu`, backend "pallas_fused"): the same layout a
 row r as x[tok[r]] from the token-major x (a row gather by pointer arithmetic, `x_ref[tok, cols]`);
 the gate-up epilogue multiplies by the routing weight, h = w * swiglu, so the output is a plain
 K-row sum (`sum_rows`, a gather-sum kernel, as is dx's sum over each token's K rows); the down
-backward and dW_down kernels read the output cotangent as gy[tok[r]] (the
-combine's transpose) and the down backward also yields dL/dw = <gy[tok] @ Wd^T, swiglu>. Empty
+backward and dW_down kernels read the output cotangent as gy[tok[r]] (the combine's transpose)
+and the down backward also yields dL/dw = <gy[tok] @ Wd^T, swiglu> (by default as two kernels, the
+product and a row-wise epilogue: DOWN_BWD_SPLIT). Empty
 rows read token 0 with weight 0, so h = 0 and dh = 0 there: they add nothing to any gradient.
 Per 32K tokens (R ~ 360K rows, D = 2048, bf16) this drops the sorted copy of x (write + read
 ~2.9 GB), the combine backward's two [R, D] reads and one write (~4.7 GB) and both [R, D]
@@ -49,22 +50,27 @@ TGMM_ROWS_PAIR = 128
 # the two single ones)
 TGMM_PAIR = False
 # The fused down backward as one kernel with the SwiGLU backward in its epilogue (False), or as
-# the plain product dL/dh' = gy[tok] @ Wd^T and the epilogue as a second, row-wise kernel
-DOWN_BWD_SPLIT = False
+# the plain product dL/dh' = gy[tok] @ Wd^T and the epilogue as a second, row-wise kernel. 32K
+# tokens on an H200: one kernel 2.46 ms (255 registers, 548 B of spills a thread, one program a
+# multiprocessor: the epilogue's loads are not hidden); split 1.54 + 0.54
+DOWN_BWD_SPLIT = True
 NUM_WARPS = 8
 NUM_STAGES = 3
 # Per-kernel launch overrides, {kernel: {"bn": output columns, "bk": contraction step, "warps": n,
-# "stages": n}} for kernels "gateup", "down", "down_bwd", "dx", "tgmm" (dW_down) and "tgmm_pair"
-# (dW_gate, dW_up; bn there is both output block sides); unset keys fall back to BLOCK_N, BLOCK_K,
-# NUM_WARPS, NUM_STAGES. Chosen one kernel at a time at 32K tokens on an H200 (bench/RESULTS.md,
-# session 6): dW kernels on 4 warps (dW_down 1.87 -> 1.60 ms), dx in 32-deep steps (3.12 ->
-# 2.97), 4 stages for the down backward (2.72 -> 2.40) and the gate-up (2.74 -> 2.66; the forward
-# down got slower with 4, 1.51 -> 1.92). Down backward with 64 columns (its epilogue's spills
-# 548 -> 8 B a thread): 3.59 ms against 2.71, not taken.
+# "stages": n, "bm": rows (row kernels; divides TILE_M), "ba" / "bb": the dW tile's sides}} for
+# kernels "gateup", "down", "down_bwd" (with DOWN_BWD_SPLIT its product), "dx", "tgmm" (each
+# single-output dW kernel) and "tgmm_pair" (the paired dW_gate / dW_up kernel); unset keys fall
+# back to BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES, TILE_M. Chosen one kernel at a time at 32K
+# tokens on an H200 (bench/RESULTS.md, sessions 6 and 7): dW kernels on 4 warps (dW_down 1.87 ->
+# 1.60 ms), dx in 32-deep steps on 4 warps (3.12 -> 2.97 -> 2.99 against 3.11 in one run), 4
+# stages for the gate-up (2.74 -> 2.66), 3 for the split down backward's product (1.59 with 4,
+# 1.54 with 3). Rejected: 64-row blocks (TILE_M 64 or bm 64: the layer 17.4 -> 31 ms, dx alone
+# 16.8 ms), dW tiles of 256 x 128 on 8 warps (dW_gate + dW_up 3.32 -> 4.74 / 3.96 ms), 32-row dW
+# steps (4.00), the forward down with 4 stages (1.51 -> 1.92) or 128-deep steps (2.08).
 TUNE: dict = {
     "tgmm": {"warps": 4},
-    "dx": {"bk": 32},
-    "down_bwd": {"stages": 4},
+    "dx": {"bk": 32, "warps": 4},
+    "down_bwd": {"stages": 3},
     "gateup": {"stages": 4},
 }
 
@@ -561,8 +567,8 @@ def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF):
 
 
 # Rows per program of the split down backward's epilogue (whole F-wide rows, so dL/dw is one
-# row sum): [32, 512] fp32 tiles are 64 values a thread at 8 warps
-EPILOGUE_ROWS = 32
+# row sum); 32K tokens on an H200: 16 rows 866 us, 8 rows 542 us (32 rows spill)
+EPILOGUE_ROWS = 8
 
 
 def _swiglu_bwd_kernel(dwh_ref, g_ref, u_ref, w_ref, dg_ref, du_ref, gw_ref):
