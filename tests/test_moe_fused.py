@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType
-from moe_testing import small_pallas_tiles  # noqa: F401 (autouse fixture)
+from moe_testing import small_pallas_tiles, split_value_and_grad  # noqa: F401 (autouse fixture)
 
 from qwen3next_jax.ops import moe, moe_experts, moe_pallas
 
@@ -61,7 +61,10 @@ def _grad_fn(backend, capacity_factor=None, mesh=None, tune=None):
             )
         return jnp.sum(y.astype(jnp.float32) * cot), y
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5), has_aux=True))
+    argnums = (0, 1, 3, 4, 5)
+    if mesh is None:
+        return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
+    return split_value_and_grad(loss, argnums)
 
 
 def _run(backend, args, **kw):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import AxisType
-from moe_testing import small_pallas_tiles  # noqa: F401 (autouse fixture)
+from moe_testing import small_pallas_tiles, split_value_and_grad  # noqa: F401 (autouse fixture)
 
 from qwen3next_jax.ops import moe
 
@@ -65,7 +65,8 @@ def _numpy_reference(x, w, idx, wg, wu, wd):
 @functools.cache
 def _op_fn(backend="auto", capacity_factor=None, mesh=None):
     """jit(value_and_grad) of sum(y * cot) for the op; idx is an argument, so every routing of
-    the same shapes reuses one compilation. Returns ((loss, (y, stats)), grads of x, w, wg, wu, wd)."""
+    the same shapes reuses one compilation. Returns ((loss, (y, stats)), grads of x, w, wg, wu, wd).
+    With a mesh, the outputs and the gradients are two programs (see split_value_and_grad)."""
 
     def loss(x, w, idx, wg, wu, wd, cot):
         y, stats = moe.routed_experts(
@@ -73,7 +74,10 @@ def _op_fn(backend="auto", capacity_factor=None, mesh=None):
         )
         return jnp.sum(y.astype(jnp.float32) * cot), (y, stats)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5), has_aux=True))
+    argnums = (0, 1, 3, 4, 5)
+    if mesh is None:
+        return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
+    return split_value_and_grad(loss, argnums)
 
 
 @functools.cache

@@ -287,8 +287,8 @@ def _ep_body(
     slots_safe = num_shards * per_dest
     slots_fast = min(slots_safe, round_up(math.ceil(EP_FAST_FACTOR * n), 8))
 
-    def run(chunk, recv_slots):
-        return _ep_exchange(
+    def run(chunk, recv_slots, safe_path):
+        y_TD = _ep_exchange(
             x_TD,
             weights_TK,
             idx_TK,
@@ -303,18 +303,24 @@ def _ep_body(
             backend=backend,
             capacity=capacity,
         )
+        # The stats' all-reduces run inside the branch, after its all-to-alls: XLA:CPU (jaxlib
+        # 0.10.2, host devices) does not order a conditional's collectives against collectives
+        # outside it, and ran them in different orders on different devices (a deadlock; an
+        # optimization barrier does not survive its compiler). A value-and-gradient program can
+        # still race the backward's cond against the loss's all-reduce on CPU (the tests run the
+        # two as separate programs: tests/moe_testing.py); GPU and TPU programs run in order.
+        return y_TD, _stats(counts_E, kept, n, sum_axes, jnp.asarray(safe_path))
 
     if (chunk_fast, slots_fast) != (chunk_safe, slots_safe):
         tokens_SS = jax.lax.all_gather(jnp.sum(need_TS, 0, dtype=jnp.int32), axis)
         recv_S = kept_SE.reshape(num_shards, num_shards, e_local).sum((0, 2))
         safe = (jnp.max(tokens_SS) > chunk_fast) | (jnp.max(recv_S) > slots_fast)
-        y_TD = jax.lax.cond(
-            safe, lambda: run(chunk_safe, slots_safe), lambda: run(chunk_fast, slots_fast)
+        return jax.lax.cond(
+            safe,
+            lambda: run(chunk_safe, slots_safe, True),
+            lambda: run(chunk_fast, slots_fast, False),
         )
-    else:
-        safe = jnp.asarray(True)
-        y_TD = run(chunk_safe, slots_safe)
-    return y_TD, _stats(counts_E, kept, n, sum_axes, safe)
+    return run(chunk_safe, slots_safe, True)
 
 
 def _local_body(x_TD, weights_TK, idx_TK, wg, wu, wd, *, sum_axes, backend, capacity_factor):
