@@ -177,7 +177,7 @@ def moe_layer(params, x_TD, *, backend, capacity_factor=None, mesh=None):
 
     f32 = jnp.float32
     logits_TE = moe.router_logits(x_TD, params["router_DE"])
-    weights_TK, idx_TK, _ = moe.router_topk(logits_TE, TOPK, impl=ROUTER_IMPL)
+    weights_TK, idx_TK, _ = moe.router_topk(logits_TE, TOPK, impl=ROUTER_IMPL, mesh=mesh)
     y_TD, stats = moe.routed_experts(
         x_TD,
         weights_TK,
