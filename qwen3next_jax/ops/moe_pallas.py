@@ -301,6 +301,18 @@ def _gateup_gather_kernel(tg_ref, tok_ref, w_ref, x_ref, wg_ref, wu_ref, *out_re
             o_ref[...] = jnp.zeros((bm, bn), o_ref.dtype)
 
 
+def _swiglu_bwd_tile(dwh, g_ref, u_ref, w_ref, dg_ref, du_ref, gw_ref):
+    """Backward of h = w * swiglu(g, u) on one [rows, cols] tile, from dwh (fp32, h's cotangent
+    before the routing weight): dg, du, and gw = <dwh, swiglu(g, u)> over the tile's columns."""
+    g = g_ref[...].astype(jnp.float32)
+    u = u_ref[...].astype(jnp.float32)
+    s = _sigmoid(g)
+    gw_ref[...] = jnp.sum(dwh * (g * s * u), axis=1)
+    dh = w_ref[...][:, None] * dwh
+    du_ref[...] = (dh * g * s).astype(du_ref.dtype)
+    dg_ref[...] = (dh * u * s * (1.0 + g * (1.0 - s))).astype(dg_ref.dtype)
+
+
 def _gathered_dot_t(tok_ref, a_ref, w_ref, e, j, bm, bn, bk):
     """[bm, bn] fp32: a[tok] @ w[e, column block j]^T for one row block (rows gathered by token
     from the token-major a [T, A]; w [G, N, A])."""
@@ -342,13 +354,7 @@ def _down_bwd_gather_kernel(
     @pl.when(e >= 0)
     def _():
         dwh = _gathered_dot_t(tok_ref, gy_ref, wd_ref, e, j, bm, bn, bk)
-        g = g_ref[...].astype(jnp.float32)
-        u = u_ref[...].astype(jnp.float32)
-        s = _sigmoid(g)
-        gw_ref[...] = jnp.sum(dwh * (g * s * u), axis=1)
-        dh = w_ref[...][:, None] * dwh
-        du_ref[...] = (dh * g * s).astype(du_ref.dtype)
-        dg_ref[...] = (dh * u * s * (1.0 + g * (1.0 - s))).astype(dg_ref.dtype)
+        _swiglu_bwd_tile(dwh, g_ref, u_ref, w_ref, dg_ref, du_ref, gw_ref)
 
     @pl.when(e < 0)
     def _():
@@ -572,15 +578,9 @@ EPILOGUE_ROWS = 8
 
 
 def _swiglu_bwd_kernel(dwh_ref, g_ref, u_ref, w_ref, dg_ref, du_ref, gw_ref):
-    """dg, du and gw = <dwh, swiglu(g, u)> for EPILOGUE_ROWS rows (all F columns)."""
+    """dg, du and gw for EPILOGUE_ROWS rows (all F columns)."""
     dwh = dwh_ref[...].astype(jnp.float32)
-    g = g_ref[...].astype(jnp.float32)
-    u = u_ref[...].astype(jnp.float32)
-    s = _sigmoid(g)
-    gw_ref[...] = jnp.sum(dwh * (g * s * u), axis=1)
-    dh = w_ref[...][:, None] * dwh
-    du_ref[...] = (dh * g * s).astype(du_ref.dtype)
-    dg_ref[...] = (dh * u * s * (1.0 + g * (1.0 - s))).astype(dg_ref.dtype)
+    _swiglu_bwd_tile(dwh, g_ref, u_ref, w_ref, dg_ref, du_ref, gw_ref)
 
 
 def _swiglu_bwd_rows(dwh_RF, g_RF, u_RF, w_R):
