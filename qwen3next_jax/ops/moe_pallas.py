@@ -62,11 +62,11 @@ NUM_STAGES = 3
 # single-output dW kernel) and "tgmm_pair" (the paired dW_gate / dW_up kernel); unset keys fall
 # back to BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES, TILE_M. Chosen one kernel at a time at 32K
 # tokens on an H200 (bench/RESULTS.md, sessions 6 and 7): dW kernels on 4 warps (dW_down 1.87 ->
-# 1.60 ms), dx in 32-deep steps on 4 warps (3.12 -> 2.97 -> 2.99 against 3.11 in one run), 4
-# stages for the gate-up (2.74 -> 2.66), 3 for the split down backward's product (1.59 with 4,
-# 1.54 with 3). Rejected: 64-row blocks (TILE_M 64 or bm 64: the layer 17.4 -> 31 ms, dx alone
-# 16.8 ms), dW tiles of 256 x 128 on 8 warps (dW_gate + dW_up 3.32 -> 4.74 / 3.96 ms), 32-row dW
-# steps (4.00), the forward down with 4 stages (1.51 -> 1.92) or 128-deep steps (2.08).
+# 1.60 ms), dx in 32-deep steps (3.12 -> 2.97) on 4 warps (3.11 -> 2.99 in one run), 4 stages
+# for the gate-up (2.74 -> 2.66), 3 for the split down backward's product (1.59 with 4, 1.54
+# with 3). Rejected: 64-row blocks (TILE_M 64 or bm 64: all kernels 17.4 -> 31 ms, dx alone
+# 15-17 ms), dW tiles of 256 x 128 on 8 warps (dW_gate + dW_up 3.32 -> 4.74 / 3.96 ms), 32-row
+# dW steps (4.00), the forward down with 4 stages (1.51 -> 1.92) or 128-deep steps (2.08).
 TUNE: dict = {
     "tgmm": {"warps": 4},
     "dx": {"bk": 32, "warps": 4},
