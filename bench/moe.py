@@ -614,7 +614,7 @@ def pallas_kernel_parts(mp, fused, x, cot, w_TK, pos, src, sizes, start, wts):
     bf = x.dtype
     r = src.shape[0]
     jit = jax.jit
-    tg, lo, hi = jit(mp._tile_maps, static_argnums=2)(sizes, start, r)
+    tg, r0, r1 = jit(mp._tile_maps, static_argnums=2)(sizes, start, r)
     gy = cot.astype(bf)
     k_sum = jit(lambda y_RD, pos: moe_dispatch.sum_slot_rows(y_RD, pos).astype(bf))
     if fused:
@@ -648,12 +648,12 @@ def pallas_kernel_parts(mp, fused, x, cot, w_TK, pos, src, sizes, start, wts):
             (
                 "fused: dW_down tgmm, gathers gy",
                 lambda *a: tgmm(*a, tok_R, (False, True)),
-                (lo, hi, h, [gy], wd.dtype),
+                (r0, r1, h, [gy], wd.dtype),
             ),
             (
                 "fused: dW_gate/up tgmm, gathers x",
                 lambda *a: tgmm(*a, tok_R, (True, False)),
-                (lo, hi, x, [dg, du], wg.dtype),
+                (r0, r1, x, [dg, du], wg.dtype),
             ),
         ]
     x_RD = jit(moe_dispatch.dispatch)(x, src, pos)
@@ -667,8 +667,8 @@ def pallas_kernel_parts(mp, fused, x, cot, w_TK, pos, src, sizes, start, wts):
         ("down bwd", jit(mp._down_bwd), (tg, dy_RD, wd, g, u)),
         ("dx kernel", jit(mp._dx), (tg, dg, du, wg, wu)),
         ("K-row sum (dx)", k_sum, (jit(mp._dx)(tg, dg, du, wg, wu), pos)),
-        ("dW_down tgmm", tgmm, (lo, hi, h, [dy_RD], wd.dtype)),
-        ("dW_gate/up tgmm", tgmm, (lo, hi, x_RD, [dg, du], wg.dtype)),
+        ("dW_down tgmm", tgmm, (r0, r1, h, [dy_RD], wd.dtype)),
+        ("dW_gate/up tgmm", tgmm, (r0, r1, x_RD, [dg, du], wg.dtype)),
     ]
 
 

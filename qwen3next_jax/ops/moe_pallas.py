@@ -241,10 +241,10 @@ def _dx_kernel(tg_ref, dg_ref, du_ref, wg_ref, wu_ref, dx_ref, *, bk):
         dx_ref[...] = jnp.zeros((bm, bn), dx_ref.dtype)
 
 
-def _tgmm_kernel(lo_ref, hi_ref, *refs, bm, n_b, gather):
-    """out_i[e] = sum over the row tiles of group e of a_rows^T @ b_i_rows (one or two b's).
-    gather = (a, b) flags: a flagged operand is token-major and row r reads its row tok[r]
-    (refs[0] = tok_R then)."""
+def _tgmm_kernel(r0_ref, r1_ref, *refs, bm, n_b, gather):
+    """out_i[e] = sum over the rows [r0[e], r1[e]) of group e, in bm-row steps (the last one
+    partly padding), of a_rows^T @ b_i_rows (one or two b's). gather = (a, b) flags: a flagged
+    operand is token-major and row r reads its row tok[r] (refs[0] = tok_R then)."""
     if any(gather):
         tok_ref, refs = refs[0], refs[1:]
     a_ref, b_refs, o_refs = refs[0], refs[1 : 1 + n_b], refs[1 + n_b :]
@@ -263,8 +263,10 @@ def _tgmm_kernel(lo_ref, hi_ref, *refs, bm, n_b, gather):
         )
 
     z = jnp.zeros((ba, bb), jnp.float32)
-    steps = TILE_M // bm  # row steps per tile
-    accs = jax.lax.fori_loop(lo_ref[e] * steps, hi_ref[e] * steps, body, (z,) * n_b)
+    # r0 is a multiple of TILE_M, hence of bm; steps past the group's last row would read only
+    # padding (zeros): at 32K tokens (~640 rows an expert) half the groups end a 64-row step
+    # before their last 128-row tile does
+    accs = jax.lax.fori_loop(r0_ref[e] // bm, (r1_ref[e] + bm - 1) // bm, body, (z,) * n_b)
     for o_ref, acc in zip(o_refs, accs, strict=True):
         o_ref[...] = acc.astype(o_ref.dtype)
 
@@ -408,7 +410,7 @@ def sum_rows(y_RD, pos_TK, out_dtype):
 
 
 def _tile_maps(sizes_G, start_G, num_rows):
-    """tile_group [R/TILE_M] (-1 = unused tile) and each group's tile range [lo_G, hi_G)."""
+    """tile_group [R/TILE_M] (-1 = unused tile) and each group's used rows [r0_G, r1_G)."""
     lo_G = start_G // TILE_M
     hi_G = lo_G + round_up(sizes_G, TILE_M) // TILE_M
     tiles = jnp.arange(num_rows // TILE_M, dtype=jnp.int32)
@@ -417,7 +419,8 @@ def _tile_maps(sizes_G, start_G, num_rows):
     g = jnp.searchsorted(hi_G, tiles, side="right", method="compare_all").astype(jnp.int32)
     g_safe = jnp.minimum(g, sizes_G.shape[0] - 1)
     valid = (g < sizes_G.shape[0]) & (tiles >= lo_G[g_safe])
-    return jnp.where(valid, g, -1), lo_G.astype(jnp.int32), hi_G.astype(jnp.int32)
+    r0_G = start_G.astype(jnp.int32)
+    return jnp.where(valid, g, -1), r0_G, r0_G + sizes_G.astype(jnp.int32)
 
 
 def _gateup(tg, x_RD, wg, wu):
@@ -490,10 +493,10 @@ def _dx(tg, dg_RF, du_RF, wg, wu):
     )(tg, dg_RF, du_RF, wg, wu)
 
 
-def _tgmm(lo_G, hi_G, a_RA, bs, out_dtype, tok_R=None, gather=(False, False)):
-    """[G, A, B] per-group a^T b for each b in bs, over each group's row tiles. An operand flagged
-    in `gather` is token-major ([T, A] / [T, B]) and row r reads its row tok_R[r]."""
-    g = lo_G.shape[0]
+def _tgmm(r0_G, r1_G, a_RA, bs, out_dtype, tok_R=None, gather=(False, False)):
+    """[G, A, B] per-group a^T b for each b in bs, over each group's rows [r0_G, r1_G). An
+    operand flagged in `gather` is token-major ([T, A] / [T, B]) and row r reads tok_R[r]."""
+    g = r0_G.shape[0]
     a = a_RA.shape[1]
     b = bs[0].shape[1]
     name = "tgmm_pair" if len(bs) == 2 else "tgmm"
@@ -507,19 +510,19 @@ def _tgmm(lo_G, hi_G, a_RA, bs, out_dtype, tok_R=None, gather=(False, False)):
     return _call(
         functools.partial(_tgmm_kernel, bm=rows, n_b=len(bs), gather=tuple(gather)),
         (b // bb, a // ba, g),
-        [_full(lo_G.shape), _full(hi_G.shape)] + [_full(x.shape) for x in (*toks, a_RA, *bs)],
+        [_full(r0_G.shape), _full(r1_G.shape)] + [_full(x.shape) for x in (*toks, a_RA, *bs)],
         [out_spec] * len(bs),
         [jax.ShapeDtypeStruct((g, a, b), out_dtype)] * len(bs),
         rows * (ba + len(bs) * bb) * a_RA.dtype.itemsize,
         name=name,
-    )(lo_G, hi_G, *toks, a_RA, *bs)
+    )(r0_G, r1_G, *toks, a_RA, *bs)
 
 
-def _tgmm2(lo_G, hi_G, a_RA, b1, b2, out_dtype, **kw):
+def _tgmm2(r0_G, r1_G, a_RA, b1, b2, out_dtype, **kw):
     """(a^T b1, a^T b2) per group: one paired kernel (TGMM_PAIR) or two single ones."""
     if TGMM_PAIR:
-        return _tgmm(lo_G, hi_G, a_RA, [b1, b2], out_dtype, **kw)
-    return tuple(_tgmm(lo_G, hi_G, a_RA, [b], out_dtype, **kw)[0] for b in (b1, b2))
+        return _tgmm(r0_G, r1_G, a_RA, [b1, b2], out_dtype, **kw)
+    return tuple(_tgmm(r0_G, r1_G, a_RA, [b], out_dtype, **kw)[0] for b in (b1, b2))
 
 
 def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals):
@@ -605,23 +608,23 @@ def _swiglu_bwd_rows(dwh_RF, g_RF, u_RF, w_R):
 
 
 @jax.custom_vjp
-def _swiglu_tiles(tg, lo_G, hi_G, x_RD, wg, wu, wd):
+def _swiglu_tiles(tg, r0_G, r1_G, x_RD, wg, wu, wd):
     h, _, _ = _gateup(tg, x_RD, wg, wu)
     return _down(tg, h, wd)
 
 
-def _swiglu_tiles_fwd(tg, lo_G, hi_G, x_RD, wg, wu, wd):
+def _swiglu_tiles_fwd(tg, r0_G, r1_G, x_RD, wg, wu, wd):
     h, g, u = _gateup(tg, x_RD, wg, wu)
-    return _down(tg, h, wd), (tg, lo_G, hi_G, x_RD, wg, wu, wd, h, g, u)
+    return _down(tg, h, wd), (tg, r0_G, r1_G, x_RD, wg, wu, wd, h, g, u)
 
 
 def _swiglu_tiles_bwd(res, dy_RD):
-    tg, lo_G, hi_G, x_RD, wg, wu, wd, h, g, u = res
+    tg, r0_G, r1_G, x_RD, wg, wu, wd, h, g, u = res
     dy_RD = dy_RD.astype(x_RD.dtype)
     dg, du = _down_bwd(tg, dy_RD, wd, g, u)
     dx = _dx(tg, dg, du, wg, wu)
-    (dwd,) = _tgmm(lo_G, hi_G, h, [dy_RD], wd.dtype)
-    dwg, dwu = _tgmm2(lo_G, hi_G, x_RD, dg, du, wg.dtype)
+    (dwd,) = _tgmm(r0_G, r1_G, h, [dy_RD], wd.dtype)
+    dwg, dwu = _tgmm2(r0_G, r1_G, x_RD, dg, du, wg.dtype)
     return None, None, None, dx, dwg, dwu, dwd
 
 
@@ -633,8 +636,8 @@ def tiled_swiglu(x_RD, sizes_G, start_G, w_gate_GDF, w_up_GDF, w_down_GFD):
     x's dtype; D and F multiples of the block sizes (or smaller powers of two). Returns [R, D]."""
     if x_RD.shape[0] % TILE_M:
         raise ValueError(f"rows {x_RD.shape[0]} not a multiple of TILE_M={TILE_M}")
-    tg, lo_G, hi_G = _tile_maps(sizes_G, start_G, x_RD.shape[0])
-    return _swiglu_tiles(tg, lo_G, hi_G, x_RD, w_gate_GDF, w_up_GDF, w_down_GFD)
+    tg, r0_G, r1_G = _tile_maps(sizes_G, start_G, x_RD.shape[0])
+    return _swiglu_tiles(tg, r0_G, r1_G, x_RD, w_gate_GDF, w_up_GDF, w_down_GFD)
 
 
 def _take(x, idx):
@@ -650,27 +653,27 @@ def _row_maps(pos_TK, src_R, weights_TK):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
-def _fused(tg, lo_G, hi_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
+def _fused(tg, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
     tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
     (h,) = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=False)
     return sum_rows(_down(tg, h, wd), pos_TK, out_dtype)
 
 
-def _fused_fwd(tg, lo_G, hi_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
+def _fused_fwd(tg, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
     tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
     h, g, u = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=True)
     y_TD = sum_rows(_down(tg, h, wd), pos_TK, out_dtype)
-    return y_TD, (tg, lo_G, hi_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u)
+    return y_TD, (tg, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u)
 
 
 def _fused_bwd(out_dtype, res, gy_TD):
-    tg, lo_G, hi_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u = res
+    tg, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u = res
     gy_TD = gy_TD.astype(x_TD.dtype)
     dg, du, gw_JR = _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g, u)
     # dx: per-row products, then each token sums its K rows (the dispatch's transpose).
     dx_TD = sum_rows(_dx(tg, dg, du, wg, wu), pos_TK, x_TD.dtype)
-    (dwd,) = _tgmm(lo_G, hi_G, h, [gy_TD], wd.dtype, tok_R=tok_R, gather=(False, True))
-    dwg, dwu = _tgmm2(lo_G, hi_G, x_TD, dg, du, wg.dtype, tok_R=tok_R, gather=(True, False))
+    (dwd,) = _tgmm(r0_G, r1_G, h, [gy_TD], wd.dtype, tok_R=tok_R, gather=(False, True))
+    dwg, dwu = _tgmm2(r0_G, r1_G, x_TD, dg, du, wg.dtype, tok_R=tok_R, gather=(True, False))
     gw_TK = _take(jnp.sum(gw_JR, axis=0), pos_TK).astype(weights_TK.dtype)
     return None, None, None, None, None, dx_TD, gw_TK, dwg, dwu, dwd
 
@@ -697,11 +700,11 @@ def fused_routed_swiglu(
     r = src_R.shape[0]
     if r % TILE_M:
         raise ValueError(f"rows {r} not a multiple of TILE_M={TILE_M}")
-    tg, lo_G, hi_G = _tile_maps(sizes_G, start_G, r)
+    tg, r0_G, r1_G = _tile_maps(sizes_G, start_G, r)
     return _fused(
         tg,
-        lo_G,
-        hi_G,
+        r0_G,
+        r1_G,
         pos_TK,
         src_R,
         x_TD,
