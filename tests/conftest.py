@@ -15,9 +15,10 @@ starts last while the other worker idles.
 import os
 
 # The CPU runtime aborts the process when a collective's threads do not all reach its rendezvous
-# within a termination timeout. A worker aborted twice, under load on 2 cores, while
-# test_expert_parallel_matches_single_device waited for its all-to-all program, which fits 8
-# device threads arriving late; allow them 10 minutes.
+# within a termination timeout; 8 device threads on 2 busy cores may arrive late, so allow them
+# 10 minutes. (The aborts once seen in test_expert_parallel_matches_single_device were a
+# deadlock, not lateness: devices ran a cond's all-to-alls and an all-reduce in different orders;
+# see ops/moe.py's _ep_body and tests/moe_testing.py's split_value_and_grad.)
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8"
