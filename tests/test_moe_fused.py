@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 from moe_testing import small_pallas_tiles, split_value_and_grad  # noqa: F401 (autouse fixture)
 
 from qwen3next_jax.ops import moe, moe_experts, moe_pallas
@@ -292,6 +293,28 @@ def test_pallas_router_lowers_to_triton(monkeypatch, use_probs):
     assert text.count('name = "_router_kernel"') == 1
     assert text.count('name = "_router_bwd_kernel"') == 1
     assert "scatter" not in text
+
+
+def test_pallas_router_lowers_under_an_ambient_mesh(monkeypatch):
+    """Under jax.set_mesh with an Explicit token axis and no mesh argument, the router kernels
+    still lower for GPU: router_topk takes the ambient mesh and runs them in shard_map (a bare
+    pallas_call there fails: all mesh axes must be Manual)."""
+    monkeypatch.setattr(moe_pallas, "_interpret", lambda: False)
+    mesh = jax.make_mesh(
+        (2,), ("expert",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:2]
+    )
+
+    def f(z):
+        return jnp.sum(moe.router_topk(z, 10, impl="pallas")[0])
+
+    with jax.set_mesh(mesh):
+        spec = NamedSharding(mesh, P("expert", None))
+        exported = jax.export.export(
+            jax.jit(jax.value_and_grad(f)),
+            platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=spec))
+    assert exported.mlir_module().count('name = "_router_kernel"') == 1
 
 
 def _router_grad(impl, norm, loss, k, bwd=None):

@@ -77,8 +77,9 @@ def router_topk(
     Returns weights_TK float32 (renormalised to sum 1 if norm_topk_prob), idx_TK int32 and
     probs_TE float32. impl: 'xla', 'pallas' (one fused kernel each way, moe_pallas.router_topk;
     Pallas interpret mode off GPU; E a power of two), or 'auto': 'pallas' when tracing for GPU
-    and E is a power of two, else 'xla'. mesh: optional; 'pallas' then runs in shard_map with
-    the tokens split over the token_axes present in it (T must divide by those shards).
+    and E is a power of two, else 'xla'. mesh: optional (default: the mesh set by jax.set_mesh,
+    if any); 'pallas' then runs in shard_map with the tokens split over the token_axes present
+    in it (T must divide by those shards).
     """
     if impl == "auto":
         e = logits_TE.shape[-1]
@@ -89,6 +90,11 @@ def router_topk(
         def fn(z_TE):
             return moe_pallas.router_topk(z_TE, k, norm_topk_prob)
 
+        if mesh is None:
+            # A pallas_call outside shard_map under a mesh with Explicit axes fails to lower for
+            # GPU ("requires all mesh axes to be Manual"): take the ambient mesh.
+            ambient = jax.sharding.get_abstract_mesh()
+            mesh = None if ambient.empty else ambient
         names = () if mesh is None else tuple(mesh.axis_names)
         tok_axes = tuple(a for a in token_axes if a in names and mesh.shape[a] > 1)
         if not tok_axes:
