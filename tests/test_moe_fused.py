@@ -119,8 +119,8 @@ def test_fused_matches_unfused_pallas(dtype, monkeypatch):
 
 @pytest.mark.parametrize("variant", ["split down backward", "row sub-blocks, oblong dW tiles"])
 def test_fused_launch_variants_match_reference(variant, monkeypatch):
-    """Launch options that change what each program computes: the down backward's epilogue in
-    XLA (DOWN_BWD_SPLIT), row blocks of half a tile in every row kernel and dW tiles with unequal
+    """Launch options that change what each program computes: the down backward's epilogue as
+    its own row-wise kernel (DOWN_BWD_SPLIT), row blocks of half a tile in every row kernel and dW tiles with unequal
     sides (TUNE "bm", "ba", "bb")."""
     if variant == "split down backward":
         monkeypatch.setattr(moe_pallas, "DOWN_BWD_SPLIT", True)
