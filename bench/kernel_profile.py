@@ -8,9 +8,15 @@ Runs the workload's jitted step (forward+backward unless --fwd) a few times, tra
 with jax.profiler, and prints each GPU kernel's time per step (summed over its launches), its
 launch count and share of the summed kernel time, largest first, with the step's wall time and
 the HLO op that launched it. The events come from CUPTI, so the figures are the kernels of the
-real step, fused as XLA fuses them (unlike timing each part jitted alone). --dump DIR passes
---xla_dump_to=DIR (HLO text of the step; on JAX 0.11.2 it held no PTX of the Pallas kernels:
-for registers and occupancy use Nsight Compute, see bench/ncu_delta_rule.py).
+real step, fused as XLA fuses them (unlike timing each part jitted alone). The traced steps are
+issued back to back with one host sync (as bench/moe.py times them), so the GPU's idle time
+between kernels inside that window is the step's launch and dependency overhead: printed per step
+with the largest gaps; --timeline prints one step's kernels in order with the gap before each.
+Caution: traced, the MoE step has run faster than untraced (H200, 2026-12-03: GPU span 16.4 ms a
+step against 17.8 ms a step untraced in batches of 5 or 20), so the untraced walls come first.
+--dump DIR passes --xla_dump_to=DIR (HLO text of the step; on JAX 0.11.2 it held no PTX of the
+Pallas kernels: for registers and occupancy use Nsight Compute, see bench/ncu_delta_rule.py, or
+bench/triton_offline.py without a GPU).
 """
 
 from __future__ import annotations
@@ -77,11 +83,11 @@ def _stat(event, name):
     return None
 
 
-def kernel_table(xplane_path, steps):
-    """{kernel name: [total ns, launches, hlo op]} over the GPU planes' stream lines."""
+def gpu_events(xplane_path):
+    """[(start ns, duration ns, kernel name, hlo op)] of the GPU planes' stream lines, by start."""
     from jax.profiler import ProfileData
 
-    table = collections.defaultdict(lambda: [0, 0, ""])
+    events = []
     for plane in ProfileData.from_file(xplane_path).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -89,11 +95,76 @@ def kernel_table(xplane_path, steps):
             if not line.name.startswith("Stream"):
                 continue
             for ev in line.events:
-                row = table[ev.name]
-                row[0] += ev.duration_ns
-                row[1] += 1
-                row[2] = row[2] or str(_stat(ev, "hlo_op") or "")
+                op = str(_stat(ev, "hlo_op") or "")
+                events.append((ev.start_ns, ev.duration_ns, ev.name, op))
+    return sorted(events)
+
+
+def kernel_table(events, steps):
+    """{kernel name: (ns per step, launches per step, hlo op)}."""
+    table = collections.defaultdict(lambda: [0, 0, ""])
+    for _, ns, name, op in events:
+        row = table[name]
+        row[0] += ns
+        row[1] += 1
+        row[2] = row[2] or op
     return {k: (ns / steps, n / steps, op) for k, (ns, n, op) in table.items()}
+
+
+SENTINEL_GAP_S = 0.2  # host sleep between the traced sentinel call and the traced batch
+
+
+def traced_batch(fn, args, n):
+    """(GPU events of `n` back-to-back calls, their wall seconds), from a profiler trace.
+
+    The trace also holds one synced call and a SENTINEL_GAP_S sleep ahead of the batch: CUPTI
+    can hand over kernels of earlier calls (seen on an H200: a kernel 350 ms ahead of the rest,
+    and a first call whose kernels lagged the others), so only the events after the last GPU
+    idle gap of over half the sleep are the batch's."""
+    import jax
+
+    trace_dir = tempfile.mkdtemp(prefix="jax_trace_")
+    jax.profiler.start_trace(trace_dir)
+    jax.block_until_ready(fn(*args))
+    time.sleep(SENTINEL_GAP_S)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        return [], wall
+    events = gpu_events(paths[0])
+    start, end = 0, 0
+    for i, (t, ns, _, _) in enumerate(events):
+        if i and t - end > SENTINEL_GAP_S * 5e8:
+            start = i
+        end = max(end, t + ns)
+    return events[start:], wall
+
+
+def steps_in(events):
+    """The number of steps the events hold: most kernels launch once a step. (On an H200 the
+    trace of 5 calls at times held 4: a first call stalled past the sentinel gap, so its kernels
+    were cut with the sentinel's.)"""
+    launches = collections.Counter(name for _, _, name, _ in events)
+    return collections.Counter(launches.values()).most_common(1)[0][0]
+
+
+def idle_gaps(events):
+    """(window ns, busy ns, [(gap ns, kernel before, kernel after)] largest first): the GPU's
+    idle time between the first kernel's start and the last kernel's end (streams merged)."""
+    gaps, busy = [], 0
+    end, prev = events[0][0], ""
+    for start, ns, name, _ in events:
+        if start > end:
+            gaps.append((start - end, prev, name))
+        busy += max(0, start + ns - max(start, end))
+        if start + ns >= end:
+            end, prev = start + ns, name
+    return end - events[0][0], busy, sorted(gaps, reverse=True)
 
 
 def main():
@@ -102,6 +173,15 @@ def main():
     ap.add_argument("--fwd", action="store_true", help="forward only (default forward+backward)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument(
+        "--batches",
+        type=lambda v: [int(n) for n in v.split(",")],
+        default=[5],
+        help="untraced wall time per step in batches of these many back-to-back calls, e.g. 1,5,20",
+    )
+    ap.add_argument(
+        "--timeline", action="store_true", help="print the last traced step's kernels in order"
+    )
     ap.add_argument("--dump", default="", help="directory for XLA's dump (HLO text)")
     ap.add_argument("--dry", action="store_true", help="moe: tiny shapes (any platform)")
     ap.add_argument("--tokens", type=int, default=32768, help="moe: tokens")
@@ -137,19 +217,29 @@ def main():
     for _ in range(args.steps):
         jax.block_until_ready(fn(*fn_args))
     wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    batched = {}
+    for n in args.batches:  # calls issued back to back, one host sync per batch
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = fn(*fn_args)
+            jax.block_until_ready(out)  # one stream: the last call ends after the others
+            ts.append((time.perf_counter() - t0) / n * 1e3)
+        batched[n] = sorted(ts)[1]
 
-    trace_dir = tempfile.mkdtemp(prefix="jax_trace_")
-    jax.profiler.start_trace(trace_dir)
-    for _ in range(args.steps):
-        jax.block_until_ready(fn(*fn_args))
-    jax.profiler.stop_trace()
-    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-        sys.exit(f"no .xplane.pb under {trace_dir}: the profiler wrote no trace")
-    rows = sorted(kernel_table(paths[0], args.steps).items(), key=lambda kv: -kv[1][0])
+    events, _ = traced_batch(fn, fn_args, args.steps)
+    if not events:
+        sys.exit("the profiler trace holds no GPU kernel events (is this a GPU?)")
+    n = steps_in(events)
+    rows = sorted(kernel_table(events, n).items(), key=lambda kv: -kv[1][0])
     total = sum(ns for ns, _, _ in (v for _, v in rows))
     label = " ".join(sys.argv[1:])
-    print(f"\n{label}: wall {wall_ms:.3f} ms/step (untraced), kernels {total / 1e6:.3f} ms/step")
+    per_batch = ", ".join(f"{ms:.3f} in batches of {n}" for n, ms in batched.items())
+    print(
+        f"\n{label}: wall {wall_ms:.3f} ms/step (untraced, a host sync per step; {per_batch}), "
+        f"kernels {total / 1e6:.3f} ms/step"
+    )
     print("| kernel | us/step | launches/step | % | hlo op |\n|---|---|---|---|---|")
     for name, (ns, n, op) in rows[: args.top]:
         print(f"| {name[:70]} | {ns / 1e3:.1f} | {n:g} | {100 * ns / total:.1f} | {op[:40]} |")
@@ -158,6 +248,25 @@ def main():
         print(
             f"| ({len(rows) - args.top} more) | {rest / 1e3:.1f} | | {100 * rest / total:.1f} | |"
         )
+    window, busy, gaps = idle_gaps(events)
+    print(
+        f"\n{n} steps back to back (traced): GPU span {window / n / 1e6:.3f} ms/step, busy "
+        f"{busy / n / 1e6:.3f}, idle {(window - busy) / n / 1e6:.3f} ({len(gaps) / n:g} gaps/step)"
+    )
+    print("| gap us | kernel before | kernel after |\n|---|---|---|")
+    for ns, before, after in gaps[:15]:
+        print(f"| {ns / 1e3:.1f} | {before[:60]} | {after[:60]} |")
+    if args.timeline:
+        per_step = len(events) // n
+        last = events[-per_step:]
+        print("\n| t us | us | gap before | kernel | hlo op |\n|---|---|---|---|---|")
+        t0, end = last[0][0], last[0][0]
+        for start, ns, name, op in last:
+            print(
+                f"| {(start - t0) / 1e3:.1f} | {ns / 1e3:.1f} | {max(0, start - end) / 1e3:.1f} "
+                f"| {name[:60]} | {op[:40]} |"
+            )
+            end = max(end, start + ns)
 
 
 if __name__ == "__main__":
