@@ -15,8 +15,10 @@ The layer = router (fp32 softmax, top-10, renormalised) + routed experts (qwen3n
 + sigmoid-gated shared expert, written inline with jnp. TFLOP/s count only the routed experts'
 matmuls: tokens x 10 x 6 x 2048 x 512 per forward, x3 for forward+backward; "% mm" divides by an
 8192^3 bf16 matmul measured in the same run. Times are medians after warm-up (JAX: batches of 5
-calls issued back to back, one host sync per batch; HF: CUDA events per call). The markdown table
-is printed last and written to $OUT/moe_bench.md (default ./out).
+calls issued back to back, one host sync per batch, and a host sync per call; HF: CUDA events
+per call). fwd+bwd = the output and its backward from a fixed bf16 cotangent, as HF's
+`block(x).backward(cot)`. The markdown table is printed last and written to $OUT/moe_bench.md
+(default ./out).
 """
 
 import argparse
@@ -210,24 +212,19 @@ def shared_expert(p, x_TD):
 
 def make_fns(backend, capacity_factor=None, mesh=None):
     import jax
-    import jax.numpy as jnp
 
     def fwd(params, x, cot):
         return moe_layer(params, x, backend=backend, capacity_factor=capacity_factor, mesh=mesh)
 
-    def loss(params, x, cot):
-        y, stats = fwd(params, x, cot)
-        return jnp.sum(y.astype(jnp.float32) * cot), stats
-
     def fwd_bwd(params, x, cot):
-        """(grads of params and x, stats, loss). The loss value is returned so that the
-        forward's last products stay in the program: d(sum(y * cot)) needs no y, so with
-        gradients alone XLA drops the down projection and the combine (as it did in every
-        fwd+bwd row before 2026-11-29, session 5), while HF's timed backward runs them."""
-        (value, stats), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-            params, x, cot
-        )
-        return grads, stats, value
+        """(grads of params and x, stats, y): the layer's output and its backward from the
+        cotangent `cot`, as HF's timed `block(x).backward(cot)`. The output is returned so that
+        the forward's last products stay in the program (gradients alone need no y: XLA then
+        drops the down projection and the combine, as it did in every fwd+bwd row before
+        2026-11-29, session 5). Until 2026-12-03 (session 8) this was the value and gradient of
+        sum(y * cot) with an fp32 cot: one more [T, D] reduction and an fp32 read a step."""
+        y, vjp, stats = jax.vjp(lambda p, x_: fwd(p, x_, cot), params, x, has_aux=True)
+        return vjp(cot.astype(y.dtype)), stats, y
 
     return jax.jit(fwd), jax.jit(fwd_bwd)
 
@@ -235,7 +232,8 @@ def make_fns(backend, capacity_factor=None, mesh=None):
 def time_ms(fn, args, steps, warmup=2, inner=5):
     """Median over `steps` batches of the mean time of `inner` calls issued back to back with one
     host sync per batch (as a training loop dispatches: no host round trip between steps, which
-    HF's CUDA-event timing leaves out too); inner=1 syncs after every call."""
+    HF's CUDA-event timing leaves out too); inner=1 syncs after every call. On an H200 at 32K
+    tokens batches of 20 calls read the same per call as batches of 5 (18.19 / 18.14 ms)."""
     import jax
 
     t0 = time.perf_counter()
@@ -246,9 +244,29 @@ def time_ms(fn, args, steps, warmup=2, inner=5):
     ts = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(inner)])
+        for _ in range(inner):
+            out = fn(*args)  # earlier outputs are freed as a training loop frees them
+        jax.block_until_ready(out)  # one stream: the last call ends after the others
         ts.append((time.perf_counter() - t0) / inner)
     return statistics.median(ts) * 1e3
+
+
+def trace_busy(fn, args, inner=5):
+    """--trace: {"fwd+bwd_traced", "fwd+bwd_busy", "fwd+bwd_window"} ms per call over one
+    profiled batch of `inner` back-to-back calls: its wall time, the GPU's kernel time (streams
+    merged) and the span from the first kernel's start to the last one's end."""
+    from kernel_profile import idle_gaps, steps_in, traced_batch  # bench/ is on sys.path
+
+    events, wall = traced_batch(fn, args, inner)
+    if not events:
+        return {}
+    window, busy, _ = idle_gaps(events)
+    n = steps_in(events)
+    return {
+        "fwd+bwd_traced": wall / inner * 1e3 if n == inner else float("nan"),
+        "fwd+bwd_busy": busy / n / 1e6,
+        "fwd+bwd_window": window / n / 1e6,
+    }
 
 
 def matmul_tflops(steps):
@@ -269,7 +287,7 @@ def inputs(tokens, key=0, dtype=None):
     dtype = dtype or jnp.bfloat16
     kx, kc = jax.random.split(jax.random.key(key + 1))
     x = jax.random.normal(kx, (tokens, HIDDEN), jnp.float32).astype(dtype)
-    cot = jax.random.normal(kc, (tokens, HIDDEN), jnp.float32)
+    cot = jax.random.normal(kc, (tokens, HIDDEN), jnp.float32).astype(dtype)  # as HF's
     return x, cot
 
 
@@ -307,6 +325,8 @@ def bench_single(args, mm_rate):
                 row["fwd"] = time_ms(fwd, (params, x, cot), args.steps)
                 row["fwd+bwd"] = time_ms(grad, (params, x, cot), args.steps)
                 row["fwd+bwd_sync"] = time_ms(grad, (params, x, cot), args.steps, inner=1)
+                if args.trace:
+                    row.update(trace_busy(grad, (params, x, cot)))
             except Exception as e:  # noqa: BLE001 - a failing backend is a result too
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             print(json.dumps(row), flush=True)
@@ -677,9 +697,13 @@ def table(rows, hf, mm_rate):
         f"bf16 matmul {MATMUL_N}^3 measured in this run: {mm_rate:.0f} TFLOP/s",
         "",
         "| tokens | implementation | fwd ms | fwd TFLOP/s | fwd % mm | fwd+bwd ms | "
-        "fwd+bwd TFLOP/s | fwd+bwd % mm | fwd+bwd vs HF | fwd+bwd ms, host sync per call |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "fwd+bwd TFLOP/s | fwd+bwd % mm | fwd+bwd vs HF | fwd+bwd ms, host sync per call "
+        "| traced batch: wall / GPU span / GPU busy ms (--trace) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ms(r, *keys):
+        return " / ".join(f"{r[k]:.2f}" if k in r else "-" for k in keys)
 
     def cells(t, fwd, fb, hf_fb):
         out = []
@@ -701,6 +725,7 @@ def table(rows, hf, mm_rate):
                         "HF Qwen3NextSparseMoeBlock (torch)",
                         *cells(t, h["fwd"], h["fwd+bwd"], None),
                         "-",
+                        "-",
                     ]
                 )
                 + " |"
@@ -711,8 +736,13 @@ def table(rows, hf, mm_rate):
             if "error" in r:
                 lines.append(f"| {t} | {r['impl']} | failed: {r['error']} ||||||||")
             else:
-                sync = f"{r['fwd+bwd_sync']:.2f}" if "fwd+bwd_sync" in r else "-"
-                cols = [str(t), r["impl"], *cells(t, r["fwd"], r["fwd+bwd"], hf_fb), sync]
+                cols = [
+                    str(t),
+                    r["impl"],
+                    *cells(t, r["fwd"], r["fwd+bwd"], hf_fb),
+                    ms(r, "fwd+bwd_sync"),
+                    ms(r, "fwd+bwd_traced", "fwd+bwd_window", "fwd+bwd_busy"),
+                ]
                 lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
@@ -758,6 +788,11 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-n", type=int, default=6)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="also profile one batch of fwd+bwd calls: GPU busy vs wall time per call (GPU only)",
+    )
     ap.add_argument("--hf-experts", default="grouped_mm", help="transformers experts backend")
     ap.add_argument(
         "--breakdown", action="store_true", help="time the layer's parts (1st --tokens)"
