@@ -12,8 +12,10 @@ real step, fused as XLA fuses them (unlike timing each part jitted alone). The t
 issued back to back with one host sync (as bench/moe.py times them), so the GPU's idle time
 between kernels inside that window is the step's launch and dependency overhead: printed per step
 with the largest gaps; --timeline prints one step's kernels in order with the gap before each.
-Caution: traced, the MoE step has run faster than untraced (H200, 2026-12-03: GPU span 16.4 ms a
-step against 17.8 ms a step untraced in batches of 5 or 20), so the untraced walls come first.
+Caution: the traced batch follows an idle sleep, and an H200 under these kernels is held by its
+power cap (~1.6 GHz, ~600 W): a short batch after idle starts at higher clocks. At 32K tokens on
+2026-12-03 a traced batch of 5 read 16.4-16.8 ms a step against 17.8 ms untraced; batches of 100
+read the same traced and untraced (18.28 / 18.24 ms). The untraced walls are the step's speed.
 --dump DIR passes --xla_dump_to=DIR (HLO text of the step; on JAX 0.11.2 it held no PTX of the
 Pallas kernels: for registers and occupancy use Nsight Compute, see bench/ncu_delta_rule.py, or
 bench/triton_offline.py without a GPU).
