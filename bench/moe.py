@@ -255,8 +255,9 @@ def trace_busy(fn, args, inner=5):
     """--trace: {"fwd+bwd_traced", "fwd+bwd_busy", "fwd+bwd_window"} ms per call over one
     profiled batch of `inner` back-to-back calls: its wall time, the GPU's kernel time (streams
     merged) and the span from the first kernel's start to the last one's end. The batch follows
-    an idle pause, so it starts below the power cap's clocks: shorter than the untraced figures
-    (kernel_profile.py's docstring), for the GPU's idle share, not the step's speed."""
+    an idle pause, so it starts at higher clocks than sustained load allows (the power cap): its
+    times read shorter than the untraced ones (kernel_profile.py's docstring); it shows the GPU's
+    idle share, not the step's speed."""
     from kernel_profile import idle_gaps, steps_in, traced_batch  # bench/ is on sys.path
 
     events, wall = traced_batch(fn, args, inner)
