@@ -113,6 +113,19 @@ def kernel_table(events, steps):
     return {k: (ns / steps, n / steps, op) for k, (ns, n, op) in table.items()}
 
 
+def batch_seconds(fn, args, n):
+    """Wall seconds of `n` calls issued back to back with one host sync at the end (one stream:
+    the last call ends after the others); earlier outputs are freed as a training loop frees
+    them."""
+    import jax
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0
+
+
 SENTINEL_GAP_S = 0.2  # host sleep between the traced sentinel call and the traced batch
 
 
@@ -129,11 +142,7 @@ def traced_batch(fn, args, n):
     jax.profiler.start_trace(trace_dir)
     jax.block_until_ready(fn(*args))
     time.sleep(SENTINEL_GAP_S)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    wall = time.perf_counter() - t0
+    wall = batch_seconds(fn, args, n)
     jax.profiler.stop_trace()
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not paths:
@@ -219,16 +228,10 @@ def main():
     for _ in range(args.steps):
         jax.block_until_ready(fn(*fn_args))
     wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
-    batched = {}
-    for n in args.batches:  # calls issued back to back, one host sync per batch
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                out = fn(*fn_args)
-            jax.block_until_ready(out)  # one stream: the last call ends after the others
-            ts.append((time.perf_counter() - t0) / n * 1e3)
-        batched[n] = sorted(ts)[1]
+    batched = {
+        n: sorted(batch_seconds(fn, fn_args, n) / n * 1e3 for _ in range(3))[1]
+        for n in args.batches
+    }
 
     events, _ = traced_batch(fn, fn_args, args.steps)
     if not events:

@@ -26,9 +26,7 @@ and has not run on a GPU yet (the run checks it against Triton's output before t
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -219,20 +217,6 @@ def layout(tokens, seed=0):
     return tg, r
 
 
-def time_ms(fn, args, steps):
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        for _ in range(5):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        ts.append((time.perf_counter() - t0) / 5 * 1e3)
-    return statistics.median(ts)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=32768)
@@ -251,6 +235,7 @@ def main():
     args = ap.parse_args()
     import jax
     import jax.numpy as jnp
+    from moe import time_ms  # bench/moe.py (this script's folder is on sys.path)
 
     from qwen3next_jax.ops import moe_pallas
 

@@ -241,14 +241,9 @@ def time_ms(fn, args, steps, warmup=2, inner=5):
     print(f"  first call (compile + run) {time.perf_counter() - t0:.1f} s", flush=True)
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)  # earlier outputs are freed as a training loop frees them
-        jax.block_until_ready(out)  # one stream: the last call ends after the others
-        ts.append((time.perf_counter() - t0) / inner)
-    return statistics.median(ts) * 1e3
+    from kernel_profile import batch_seconds  # bench/ is on sys.path
+
+    return statistics.median(batch_seconds(fn, args, inner) / inner for _ in range(steps)) * 1e3
 
 
 def trace_busy(fn, args, inner=5):
@@ -705,7 +700,7 @@ def table(rows, hf, mm_rate):
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def ms(r, *keys):
+    def fmt_ms(r, *keys):
         return " / ".join(f"{r[k]:.2f}" if k in r else "-" for k in keys)
 
     def cells(t, fwd, fb, hf_fb):
@@ -743,8 +738,8 @@ def table(rows, hf, mm_rate):
                     str(t),
                     r["impl"],
                     *cells(t, r["fwd"], r["fwd+bwd"], hf_fb),
-                    ms(r, "fwd+bwd_sync"),
-                    ms(r, "fwd+bwd_traced", "fwd+bwd_window", "fwd+bwd_busy"),
+                    fmt_ms(r, "fwd+bwd_sync"),
+                    fmt_ms(r, "fwd+bwd_traced", "fwd+bwd_window", "fwd+bwd_busy"),
                 ]
                 lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
