@@ -440,3 +440,28 @@ def test_router_impl_config_validation():
     assert tiny().router_impl == "auto"
     with pytest.raises(ConfigError, match="router_impl='triton'"):
         tiny(router_impl="triton")
+
+
+def test_half_tiles_flag_short_last_tiles():
+    """_half_tiles marks a group's last tile when it holds at most TILE_M / 2 used rows (TILE_M
+    16 here: groups of 3, 20, 8, 9 and 0 rows)."""
+    sizes = jnp.asarray([3, 20, 8, 9, 0], jnp.int32)
+    padded = -(-sizes // 16) * 16
+    start = jnp.cumsum(padded) - padded
+    tg, _, r1 = moe_pallas._tile_maps(sizes, start, 7 * 16)
+    assert tg.tolist() == [0, 1, 1, 2, 3, -1, -1]
+    assert moe_pallas._half_tiles(tg, r1).tolist() == [1, 0, 1, 1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("kind", ["random", "skewed"])
+def test_half_tiles_change_nothing(kind, monkeypatch):
+    """The half-tile path (first TILE_M / 2 rows computed, the rest zero) gives the output and
+    gradients of full tiles (fp32, interpret mode); both routings end a group in a half tile."""
+    args = _inputs(jnp.float32, kind, seed=3)
+    last = np.bincount(np.asarray(args[2]).ravel(), minlength=E) % moe_pallas.TILE_M
+    assert np.any((last > 0) & (last <= moe_pallas.TILE_M // 2))
+    got = _run("pallas_fused", args, tune="half")
+    monkeypatch.setattr(moe_pallas, "HALF_TILES", False)
+    want = _run("pallas_fused", args, tune="full")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)

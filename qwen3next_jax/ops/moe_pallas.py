@@ -36,9 +36,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from qwen3next_jax import sharding
+from qwen3next_jax.ops import moe_mosaic
 from qwen3next_jax.ops.moe_dispatch import round_up
 
 TILE_M = 128  # rows per tile; the layout pads each group to this
+# A group's last tile with at most TILE_M / 2 used rows is a half tile: the fused path's gate-up,
+# down-backward product and dx kernels compute its first TILE_M / 2 rows only and store zeros in
+# the rest (at ~640 rows an expert, half the groups end in one; the padding computed drops from
+# ~64 rows a group to ~32)
+HALF_TILES = True
 BLOCK_N = 128  # output columns per program
 BLOCK_K = 64  # contraction step
 TGMM_ROWS = 64  # rows per step of the per-expert weight-gradient loop (divides TILE_M)
@@ -75,6 +81,22 @@ TUNE: dict = {
 }
 
 
+# Kernels of the fused path that run as Mosaic GPU kernels (ops/moe_mosaic.py: TMA + wgmma,
+# warp-specialised) on a Hopper GPU instead of Triton: "down" (forward) and "dx". 32K tokens on
+# an H200 (bench/mgpu_probe.py, session 9): down 1.51-1.59 ms against Triton's 1.77-1.79, dx
+# 2.95 against 3.37
+MOSAIC_KERNELS: tuple = ("down", "dx")
+
+
+def _mosaic(name: str, a, n: int) -> bool:
+    """Whether kernel `name` runs as Mosaic GPU on row operand a [R, K] with N output columns:
+    listed, a Hopper GPU, a 16-bit a (fp32 stays on Triton's exact-fp32 products), N and K
+    multiples of its tile."""
+    if name not in MOSAIC_KERNELS or _interpret() or a.dtype.itemsize != 2:
+        return False
+    return moe_mosaic.fits(name, n, a.shape[1]) and moe_mosaic.supported()
+
+
 def _tune(name: str, key: str, default):
     return TUNE.get(name, {}).get(key, default)
 
@@ -84,13 +106,38 @@ def _blocks(name: str, n: int, k: int) -> tuple[int, int]:
     return _block(n, _tune(name, "bn", BLOCK_N)), _block(k, _tune(name, "bk", BLOCK_K))
 
 
-def _row_blocks(name: str, tg):
-    """(rows per program, the group of each row block) of row-tile kernel `name`: TUNE's "bm"
-    splits every TILE_M tile into TILE_M / bm blocks of the same group (bm divides TILE_M)."""
+def _row_blocks(name: str, tg, th=None):
+    """(rows per program, the group of each row block, its half-tile flag) of row-tile kernel
+    `name`: TUNE's "bm" splits every TILE_M tile into TILE_M / bm blocks of the same group (bm
+    divides TILE_M; no half tiles then). th None or HALF_TILES off: no half tiles."""
     bm = min(_tune(name, "bm", TILE_M), TILE_M)
     if TILE_M % bm:
         raise ValueError(f"MoE pallas backend: TUNE[{name!r}]['bm']={bm} must divide {TILE_M}")
-    return bm, (tg if bm == TILE_M else jnp.repeat(tg, TILE_M // bm))
+    if bm != TILE_M:
+        tg = jnp.repeat(tg, TILE_M // bm)
+    if th is None or bm != TILE_M or not HALF_TILES:
+        th = jnp.zeros_like(tg)
+    return bm, tg, th
+
+
+def _by_tile(tg_ref, th_ref, i, bm, product, zero):
+    """Runs row block i: product(e, n) computes and stores its first n rows with expert e's
+    weights, zero(rows) stores zeros. A half tile (th = 1, at most bm / 2 used rows) computes
+    bm / 2 rows and zeroes the rest; an unused block (e < 0) is all zeros."""
+    e, half = tg_ref[i], th_ref[i]
+
+    @pl.when((e >= 0) & (half == 0))
+    def _():
+        product(e, bm)
+
+    @pl.when((e >= 0) & (half != 0))
+    def _():
+        product(e, bm // 2)
+        zero(pl.ds(bm // 2, bm // 2))
+
+    @pl.when(e < 0)
+    def _():
+        zero(pl.ds(0, bm))
 
 
 def _interpret() -> bool:
@@ -220,25 +267,26 @@ def _down_bwd_kernel(tg_ref, dy_ref, wd_ref, g_ref, u_ref, dg_ref, du_ref, *, bk
         dg_ref[...], du_ref[...] = z, z
 
 
-def _dx_kernel(tg_ref, dg_ref, du_ref, wg_ref, wu_ref, dx_ref, *, bk):
+def _dx_kernel(tg_ref, th_ref, dg_ref, du_ref, wg_ref, wu_ref, dx_ref, *, bk):
     j, i = pl.program_id(0), pl.program_id(1)
-    e = tg_ref[i]
     bm, bn = dx_ref.shape
     cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
 
-    @pl.when(e >= 0)
-    def _():
+    def product(e, n):
+        rows = pl.ds(0, n)
+
         def body(k, acc):
             ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-            acc = acc + _mm(dg_ref[:, ks], wg_ref[e, cols, ks], contract=(1, 1))
-            return acc + _mm(du_ref[:, ks], wu_ref[e, cols, ks], contract=(1, 1))
+            acc = acc + _mm(dg_ref[rows, ks], wg_ref[e, cols, ks], contract=(1, 1))
+            return acc + _mm(du_ref[rows, ks], wu_ref[e, cols, ks], contract=(1, 1))
 
-        acc = jax.lax.fori_loop(0, dg_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
-        dx_ref[...] = acc.astype(dx_ref.dtype)
+        acc = jax.lax.fori_loop(0, dg_ref.shape[1] // bk, body, jnp.zeros((n, bn), jnp.float32))
+        dx_ref[rows, :] = acc.astype(dx_ref.dtype)
 
-    @pl.when(e < 0)
-    def _():
-        dx_ref[...] = jnp.zeros((bm, bn), dx_ref.dtype)
+    def zero(rows):
+        dx_ref[rows, :] = jnp.zeros((rows.size, bn), dx_ref.dtype)
+
+    _by_tile(tg_ref, th_ref, i, bm, product, zero)
 
 
 def _tgmm_kernel(r0_ref, r1_ref, *refs, bm, n_b, gather):
@@ -271,36 +319,36 @@ def _tgmm_kernel(r0_ref, r1_ref, *refs, bm, n_b, gather):
         o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _gateup_gather_kernel(tg_ref, tok_ref, w_ref, x_ref, wg_ref, wu_ref, *out_refs, bk):
+def _gateup_gather_kernel(tg_ref, th_ref, tok_ref, w_ref, x_ref, wg_ref, wu_ref, *out_refs, bk):
     """_gateup_kernel reading row r as x[tok[r]] from the token-major x (no sorted copy) and
     writing h = w[r] * swiglu (the routing weight folded in, so the combine is a plain row sum).
     out_refs = (h,) or (h, g, u) when the backward's residuals are wanted."""
     j, i = pl.program_id(0), pl.program_id(1)
-    e = tg_ref[i]
     bm, bn = out_refs[0].shape
     cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
 
-    @pl.when(e >= 0)
-    def _():
-        tok = tok_ref[...]
+    def product(e, n):
+        rows = pl.ds(0, n)
+        tok = tok_ref[rows]
 
         def body(k, acc):
             ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
             xk = x_ref[tok, ks]  # row gather: pointer arithmetic on tok, no copy of x
             return acc[0] + _mm(xk, wg_ref[e, ks, cols]), acc[1] + _mm(xk, wu_ref[e, ks, cols])
 
-        z = jnp.zeros((bm, bn), jnp.float32)
+        z = jnp.zeros((n, bn), jnp.float32)
         acc_g, acc_u = jax.lax.fori_loop(0, x_ref.shape[1] // bk, body, (z, z))
-        w = w_ref[...][:, None]
-        out_refs[0][...] = (w * acc_g * _sigmoid(acc_g) * acc_u).astype(out_refs[0].dtype)
+        w = w_ref[rows][:, None]
+        out_refs[0][rows, :] = (w * acc_g * _sigmoid(acc_g) * acc_u).astype(out_refs[0].dtype)
         if len(out_refs) == 3:
-            out_refs[1][...] = acc_g.astype(out_refs[1].dtype)
-            out_refs[2][...] = acc_u.astype(out_refs[2].dtype)
+            out_refs[1][rows, :] = acc_g.astype(out_refs[1].dtype)
+            out_refs[2][rows, :] = acc_u.astype(out_refs[2].dtype)
 
-    @pl.when(e < 0)
-    def _():
+    def zero(rows):
         for o_ref in out_refs:
-            o_ref[...] = jnp.zeros((bm, bn), o_ref.dtype)
+            o_ref[rows, :] = jnp.zeros((rows.size, bn), o_ref.dtype)
+
+    _by_tile(tg_ref, th_ref, i, bm, product, zero)
 
 
 def _swiglu_bwd_tile(dwh, g_ref, u_ref, w_ref, dg_ref, du_ref, gw_ref):
@@ -316,9 +364,9 @@ def _swiglu_bwd_tile(dwh, g_ref, u_ref, w_ref, dg_ref, du_ref, gw_ref):
 
 
 def _gathered_dot_t(tok_ref, a_ref, w_ref, e, j, bm, bn, bk):
-    """[bm, bn] fp32: a[tok] @ w[e, column block j]^T for one row block (rows gathered by token
-    from the token-major a [T, A]; w [G, N, A])."""
-    tok = tok_ref[...]
+    """[bm, bn] fp32: a[tok] @ w[e, column block j]^T for the first bm rows of a row block (rows
+    gathered by token from the token-major a [T, A]; w [G, N, A])."""
+    tok = tok_ref[pl.ds(0, bm)]
     cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
 
     def body(k, acc):
@@ -328,19 +376,19 @@ def _gathered_dot_t(tok_ref, a_ref, w_ref, e, j, bm, bn, bk):
     return jax.lax.fori_loop(0, a_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
 
 
-def _dwh_gather_kernel(tg_ref, tok_ref, gy_ref, wd_ref, o_ref, *, bk):
+def _dwh_gather_kernel(tg_ref, th_ref, tok_ref, gy_ref, wd_ref, o_ref, *, bk):
     """The down backward's product alone (DOWN_BWD_SPLIT): o = gy[tok] @ Wd[e]^T."""
     j, i = pl.program_id(0), pl.program_id(1)
-    e = tg_ref[i]
     bm, bn = o_ref.shape
 
-    @pl.when(e >= 0)
-    def _():
-        o_ref[...] = _gathered_dot_t(tok_ref, gy_ref, wd_ref, e, j, bm, bn, bk).astype(o_ref.dtype)
+    def product(e, n):
+        dwh = _gathered_dot_t(tok_ref, gy_ref, wd_ref, e, j, n, bn, bk)
+        o_ref[pl.ds(0, n), :] = dwh.astype(o_ref.dtype)
 
-    @pl.when(e < 0)
-    def _():
-        o_ref[...] = jnp.zeros((bm, bn), o_ref.dtype)
+    def zero(rows):
+        o_ref[rows, :] = jnp.zeros((rows.size, bn), o_ref.dtype)
+
+    _by_tile(tg_ref, th_ref, i, bm, product, zero)
 
 
 def _down_bwd_gather_kernel(
@@ -423,10 +471,17 @@ def _tile_maps(sizes_G, start_G, num_rows):
     return jnp.where(valid, g, -1), r0_G, r0_G + sizes_G.astype(jnp.int32)
 
 
+def _half_tiles(tg, r1_G):
+    """int32 [R / TILE_M]: 1 where tile t is its group's last and holds <= TILE_M / 2 used rows."""
+    start = jnp.arange(tg.shape[0], dtype=jnp.int32) * TILE_M
+    used = r1_G[jnp.maximum(tg, 0)] - start
+    return ((tg >= 0) & (used <= TILE_M // 2)).astype(jnp.int32)
+
+
 def _gateup(tg, x_RD, wg, wu):
     r, d = x_RD.shape
     f = wg.shape[2]
-    (bm, tg), (bn, bk) = _row_blocks("gateup", tg), _blocks("gateup", f, d)
+    (bm, tg, _), (bn, bk) = _row_blocks("gateup", tg), _blocks("gateup", f, d)
     out = jax.ShapeDtypeStruct((r, f), x_RD.dtype)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     return _call(
@@ -448,7 +503,7 @@ def _gateup(tg, x_RD, wg, wu):
 def _down(tg, h_RF, wd):
     r, f = h_RF.shape
     d = wd.shape[2]
-    (bm, tg), (bn, bk) = _row_blocks("down", tg), _blocks("down", d, f)
+    (bm, tg, _), (bn, bk) = _row_blocks("down", tg), _blocks("down", d, f)
     return _call(
         functools.partial(_down_kernel, bk=bk),
         (d // bn, r // bm),
@@ -463,7 +518,7 @@ def _down(tg, h_RF, wd):
 def _down_bwd(tg, dy_RD, wd, g_RF, u_RF):
     r, d = dy_RD.shape
     f = wd.shape[1]
-    (bm, tg), (bn, bk) = _row_blocks("down_bwd", tg), _blocks("down_bwd", f, d)
+    (bm, tg, _), (bn, bk) = _row_blocks("down_bwd", tg), _blocks("down_bwd", f, d)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
     return _call(
@@ -477,20 +532,20 @@ def _down_bwd(tg, dy_RD, wd, g_RF, u_RF):
     )(tg, dy_RD, wd, g_RF, u_RF)
 
 
-def _dx(tg, dg_RF, du_RF, wg, wu):
+def _dx(tg, dg_RF, du_RF, wg, wu, th=None):
     r, f = dg_RF.shape
     d = wg.shape[1]
-    (bm, tg), (bn, bk) = _row_blocks("dx", tg), _blocks("dx", d, f)
+    (bm, tg, th), (bn, bk) = _row_blocks("dx", tg, th), _blocks("dx", d, f)
     rows = pl.BlockSpec((bm, f), lambda j, i: (i, 0))
     return _call(
         functools.partial(_dx_kernel, bk=bk),
         (d // bn, r // bm),
-        [_full(tg.shape), rows, rows, _full(wg.shape), _full(wu.shape)],
+        [_full(tg.shape), _full(th.shape), rows, rows, _full(wg.shape), _full(wu.shape)],
         pl.BlockSpec((bm, bn), lambda j, i: (i, j)),
         jax.ShapeDtypeStruct((r, d), dg_RF.dtype),
         2 * (bm * bk + bk * bn) * dg_RF.dtype.itemsize,
         name="dx",
-    )(tg, dg_RF, du_RF, wg, wu)
+    )(tg, th, dg_RF, du_RF, wg, wu)
 
 
 def _tgmm(r0_G, r1_G, a_RA, bs, out_dtype, tok_R=None, gather=(False, False)):
@@ -525,11 +580,11 @@ def _tgmm2(r0_G, r1_G, a_RA, b1, b2, out_dtype, **kw):
     return tuple(_tgmm(r0_G, r1_G, a_RA, [b], out_dtype, **kw)[0] for b in (b1, b2))
 
 
-def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals):
+def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals, th=None):
     """(h,) or (h, g, u), each [R, F] in x's dtype; R = tok_R's length."""
     r, d = tok_R.shape[0], x_TD.shape[1]
     f = wg.shape[2]
-    (bm, tg), (bn, bk) = _row_blocks("gateup", tg), _blocks("gateup", f, d)
+    (bm, tg, th), (bn, bk) = _row_blocks("gateup", tg, th), _blocks("gateup", f, d)
     out = jax.ShapeDtypeStruct((r, f), x_TD.dtype)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
@@ -537,19 +592,21 @@ def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals):
     return _call(
         functools.partial(_gateup_gather_kernel, bk=bk),
         (f // bn, r // bm),
-        [_full(tg.shape), row_vec, row_vec, _full(x_TD.shape), _full(wg.shape), _full(wu.shape)],
+        [_full(tg.shape), _full(th.shape), row_vec, row_vec, _full(x_TD.shape)]
+        + [_full(wg.shape), _full(wu.shape)],
         [tile] * n_out,
         [out] * n_out,
         (bm * bk + 2 * bk * bn) * x_TD.dtype.itemsize,
         name="gateup",
-    )(tg, tok_R, w_R, x_TD, wg, wu)
+    )(tg, th, tok_R, w_R, x_TD, wg, wu)
 
 
-def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF):
-    """dg, du [R, F] in g's dtype; gw [J, R] fp32, shares of dL/dw to sum over J."""
+def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF, th=None):
+    """dg, du [R, F] in g's dtype; gw [J, R] fp32, shares of dL/dw to sum over J. th: half
+    tiles (DOWN_BWD_SPLIT's product only)."""
     r, f = g_RF.shape
     d = gy_TD.shape[1]
-    (bm, tg), (bn, bk) = _row_blocks("down_bwd", tg), _blocks("down_bwd", f, d)
+    (bm, tg, th), (bn, bk) = _row_blocks("down_bwd", tg, th), _blocks("down_bwd", f, d)
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
     out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
@@ -557,12 +614,12 @@ def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF):
         dwh = _call(
             functools.partial(_dwh_gather_kernel, bk=bk),
             (f // bn, r // bm),
-            [_full(tg.shape), row_vec, _full(gy_TD.shape), _full(wd.shape)],
+            [_full(tg.shape), _full(th.shape), row_vec, _full(gy_TD.shape), _full(wd.shape)],
             tile,
             out,
             (bm * bk + bk * bn) * gy_TD.dtype.itemsize,
             name="down_bwd",
-        )(tg, tok_R, gy_TD, wd)
+        )(tg, th, tok_R, gy_TD, wd)
         return _swiglu_bwd_rows(dwh, g_RF, u_RF, w_R)
     return _call(
         functools.partial(_down_bwd_gather_kernel, bk=bk),
@@ -652,30 +709,42 @@ def _row_maps(pos_TK, src_R, weights_TK):
     return tok_R, _take(weights_TK.reshape(t * k).astype(jnp.float32), src_R)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
-def _fused(tg, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
-    tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
-    (h,) = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=False)
-    return sum_rows(_down(tg, h, wd), pos_TK, out_dtype)
+def _fused_down(tg, th, h_RF, wd):
+    """The forward down product of the fused path (its unused tiles' rows are never read)."""
+    if _mosaic("down", h_RF, wd.shape[2]):
+        return moe_mosaic.down(tg, h_RF, wd, half_T=th if HALF_TILES else None)
+    return _down(tg, h_RF, wd)
 
 
-def _fused_fwd(tg, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
+def _fused(tg, th, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
     tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
-    h, g, u = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=True)
-    y_TD = sum_rows(_down(tg, h, wd), pos_TK, out_dtype)
-    return y_TD, (tg, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u)
+    (h,) = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=False, th=th)
+    return sum_rows(_fused_down(tg, th, h, wd), pos_TK, out_dtype)
+
+
+def _fused_fwd(tg, th, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
+    tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
+    h, g, u = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=True, th=th)
+    y_TD = sum_rows(_fused_down(tg, th, h, wd), pos_TK, out_dtype)
+    return y_TD, (tg, th, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u)
 
 
 def _fused_bwd(out_dtype, res, gy_TD):
-    tg, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u = res
+    tg, th, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u = res
     gy_TD = gy_TD.astype(x_TD.dtype)
-    dg, du, gw_JR = _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g, u)
+    dg, du, gw_JR = _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g, u, th=th)
     # dx: per-row products, then each token sums its K rows (the dispatch's transpose).
-    dx_TD = sum_rows(_dx(tg, dg, du, wg, wu), pos_TK, x_TD.dtype)
+    mosaic_dx = _mosaic("dx", dg, wg.shape[1])
+    if mosaic_dx:
+        dx_RD = moe_mosaic.dx(tg, dg, du, wg, wu, half_T=th if HALF_TILES else None)
+    else:
+        dx_RD = _dx(tg, dg, du, wg, wu, th)
+    dx_TD = sum_rows(dx_RD, pos_TK, x_TD.dtype)
     (dwd,) = _tgmm(r0_G, r1_G, h, [gy_TD], wd.dtype, tok_R=tok_R, gather=(False, True))
     dwg, dwu = _tgmm2(r0_G, r1_G, x_TD, dg, du, wg.dtype, tok_R=tok_R, gather=(True, False))
     gw_TK = _take(jnp.sum(gw_JR, axis=0), pos_TK).astype(weights_TK.dtype)
-    return None, None, None, None, None, dx_TD, gw_TK, dwg, dwu, dwd
+    return None, None, None, None, None, None, dx_TD, gw_TK, dwg, dwu, dwd
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -703,6 +772,7 @@ def fused_routed_swiglu(
     tg, r0_G, r1_G = _tile_maps(sizes_G, start_G, r)
     return _fused(
         tg,
+        _half_tiles(tg, r1_G),
         r0_G,
         r1_G,
         pos_TK,

@@ -1,0 +1,83 @@
+"""The Mosaic GPU row-tile products (ops/moe_mosaic.py): that they lower for CUDA from any host
+(shared-memory budget and layouts are checked at lowering), their shape errors, and, on a Hopper
+GPU, their values against a per-tile reference (run on the device machine with
+JAX_PLATFORMS=cuda; bench/mgpu_probe.py checks them at the benchmark's shapes too)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen3next_jax.ops import moe_mosaic
+
+G, F, D = 4, 128, 512
+TILES = [2, -1, 0, 3, 3, -1, 1, 0]  # expert of each 128-row tile; -1 = unused
+HALF = [0, 0, 1, 0, 1, 0, 0, 1]  # half tiles: the first 64 rows multiplied, the rest zero
+
+
+def _operands(op, dtype=jnp.bfloat16):
+    tg = jnp.asarray(TILES, jnp.int32)
+    r = len(TILES) * moe_mosaic.TILE_M
+    ks = jax.random.split(jax.random.key(0), 4)
+    rows = lambda k: jax.random.normal(k, (r, F), jnp.float32).astype(dtype)  # noqa: E731
+    if op == "down":
+        w = (jax.random.normal(ks[1], (G, F, D)) / F**0.5).astype(dtype)
+        return tg, rows(ks[0]), w
+    wg = (jax.random.normal(ks[2], (G, D, F)) / F**0.5).astype(dtype)
+    wu = (jax.random.normal(ks[3], (G, D, F)) / F**0.5).astype(dtype)
+    return tg, rows(ks[0]), rows(ks[1]), wg, wu
+
+
+def _reference(op, tg, *args):
+    """Per-tile products in fp32 numpy, the last 64 rows of half tiles 0; unused tiles as NaN
+    (the kernel leaves them unwritten)."""
+    f32 = [np.asarray(a.astype(jnp.float32)) for a in args]
+    tm = moe_mosaic.TILE_M
+    out = np.full((len(TILES) * tm, D), np.nan, np.float32)
+    for t, e in enumerate(np.asarray(tg)):
+        if e < 0:
+            continue
+        rows = slice(t * tm, (t + 1) * tm)
+        if op == "down":
+            out[rows] = f32[0][rows] @ f32[1][e]
+        else:
+            out[rows] = f32[0][rows] @ f32[2][e].T + f32[1][rows] @ f32[3][e].T
+        if HALF[t]:
+            out[t * tm + tm // 2 : (t + 1) * tm] = 0.0
+    return out
+
+
+FNS = {"down": moe_mosaic.down, "dx": moe_mosaic.dx}
+
+
+@pytest.mark.parametrize("op", ["down", "dx"])
+def test_lowers_for_cuda(op):
+    """The default configs lower to one Mosaic GPU custom call (fails on a shared-memory budget
+    overrun, a bad swizzle or an API break, without a GPU)."""
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _operands(op)]
+    half = jnp.asarray(HALF, jnp.int32)
+    fn = jax.jit(lambda *a: FNS[op](*a, half_T=half))
+    text = fn.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 1
+
+
+def test_shape_errors_name_the_dimension():
+    tg, h, w = _operands("down")
+    with pytest.raises(ValueError, match="rows = 1000 is not a multiple of 128"):
+        moe_mosaic.down(tg, h[:1000], w)
+    with pytest.raises(ValueError, match="N = 384 is not a multiple of 256"):
+        moe_mosaic.down(tg, h, w[:, :, :384])
+    assert moe_mosaic.fits("down", 2048, 512) and not moe_mosaic.fits("down", 384, 512)
+    assert not moe_mosaic.fits("dx", 2048, 48)
+
+
+@pytest.mark.skipif(not moe_mosaic.supported(), reason="needs a Hopper GPU (JAX_PLATFORMS=cuda)")
+@pytest.mark.parametrize("op", ["down", "dx"])
+def test_matches_reference_on_hopper(op):
+    args = _operands(op)
+    half = jnp.asarray(HALF, jnp.int32)
+    got = jax.jit(lambda *a: FNS[op](*a, half_T=half))(*args)
+    got = np.asarray(got.astype(jnp.float32))
+    want = _reference(op, *args)
+    used = ~np.isnan(want[:, 0])
+    np.testing.assert_allclose(got[used], want[used], rtol=2e-2, atol=2e-2)
