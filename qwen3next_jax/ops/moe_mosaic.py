@@ -13,9 +13,9 @@ the down backward, the weight gradients) stay Triton.
 One CTA per SM loops over [128, 2 * bn] output tiles (persistent, `nd_loop`): a producer
 warpgroup issues the TMA loads `steps` deep, two consumer warpgroups each own bn columns and issue
 the wgmma, and each stores its [128, bn] result through shared memory in [64, epi_n] pieces, two
-in flight, while the producer already loads the next tile. On an H200 at 32K tokens the forward
-down product took 1.54 ms this way against Triton's 1.83 (cuBLAS on the same FLOPs with one
-weight: 1.22; bench/RESULTS.md, session 9).
+in flight, while the producer already loads the next tile. On an H200 at 32K tokens: the forward
+down product 1.51-1.59 ms against Triton's 1.71-1.83, dx 2.95 against 3.29-3.37 (cuBLAS on the
+same work with one weight: 1.2 and 2.3-2.4; bench/RESULTS.md, session 9).
 
 Rows of unused tiles are left unwritten (nothing reads them: the K-row sums read placed rows
 only). Hopper only (wgmma): `supported()` says whether the platform has it.

@@ -11,7 +11,11 @@ Five kernels, all fp32-accumulating, none materialising per-tile weight copies:
             dx      = dg @ Wg[e]^T + du @ Wu[e]^T
             dWd[e]  = h_e^T dy_e;  dWg[e], dWu[e] = x_e^T dg_e, x_e^T du_e   (per-expert loops,
                                                   one kernel each; TGMM_PAIR: dWg, dWu in one)
-Launch config: BLOCK_N / BLOCK_K / NUM_WARPS / NUM_STAGES, per kernel overridden by TUNE.
+Launch config: BLOCK_N / BLOCK_K / NUM_WARPS / NUM_STAGES, per kernel overridden by TUNE. A group's
+last tile with at most TILE_M / 2 used rows is a half tile (HALF_TILES): the row kernels that
+know it compute its first half only. On a Hopper GPU the fused path's two products without a row
+gather, the forward down product and dx, run as Mosaic GPU kernels instead (MOSAIC_KERNELS,
+ops/moe_mosaic.py).
 Padding rows hold x = 0 and dy = 0 (the dispatch fills them so), hence contribute nothing to dW.
 On a non-GPU platform the kernels run in Pallas interpret mode (tests).
 
@@ -90,9 +94,11 @@ MOSAIC_KERNELS: tuple = ("down", "dx")
 
 def _mosaic(name: str, a, n: int) -> bool:
     """Whether kernel `name` runs as Mosaic GPU on row operand a [R, K] with N output columns:
-    listed, a Hopper GPU, a 16-bit a (fp32 stays on Triton's exact-fp32 products), N and K
-    multiples of its tile."""
+    listed, a Hopper GPU, a 16-bit a (fp32 stays on Triton's exact-fp32 products), the layout's
+    TILE_M, N and K multiples of its tile."""
     if name not in MOSAIC_KERNELS or _interpret() or a.dtype.itemsize != 2:
+        return False
+    if TILE_M != moe_mosaic.TILE_M:  # its tiles are 128 rows, two halves of 64
         return False
     return moe_mosaic.fits(name, n, a.shape[1]) and moe_mosaic.supported()
 
