@@ -1,7 +1,8 @@
 """The Mosaic GPU row-tile products (ops/moe_mosaic.py): that they lower for CUDA from any host
-(shared-memory budget and layouts are checked at lowering), their shape errors, and, on a Hopper
-GPU, their values against a per-tile reference (run on the device machine with
-JAX_PLATFORMS=cuda; bench/mgpu_probe.py checks them at the benchmark's shapes too)."""
+(shared-memory budget and layouts are checked at lowering), their shape errors, the forward down
+kernel's values in Pallas's GPU interpret mode on the CPU, and, on a Hopper GPU, both kernels'
+values against a per-tile reference (run on the device machine with JAX_PLATFORMS=cuda;
+bench/mgpu_probe.py checks them at the benchmark's shapes too)."""
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ def _operands(op, dtype=jnp.bfloat16):
     return tg, rows(ks[0]), rows(ks[1]), wg, wu
 
 
-def _reference(op, tg, *args):
+def _reference(op, tg, *args, half=HALF):
     """Per-tile products in fp32 numpy, the last 64 rows of half tiles 0; unused tiles as NaN
     (the kernel leaves them unwritten)."""
     f32 = [np.asarray(a.astype(jnp.float32)) for a in args]
@@ -42,7 +43,7 @@ def _reference(op, tg, *args):
             out[rows] = f32[0][rows] @ f32[1][e]
         else:
             out[rows] = f32[0][rows] @ f32[2][e].T + f32[1][rows] @ f32[3][e].T
-        if HALF[t]:
+        if half[t]:
             out[t * tm + tm // 2 : (t + 1) * tm] = 0.0
     return out
 
@@ -69,6 +70,20 @@ def test_shape_errors_name_the_dimension():
         moe_mosaic.down(tg, h, w[:, :, :384])
     assert moe_mosaic.fits("down", 2048, 512) and not moe_mosaic.fits("down", 384, 512)
     assert not moe_mosaic.fits("dx", 2048, 48)
+
+
+@pytest.mark.parametrize("halves", [False, True])
+def test_down_matches_reference_in_interpret_mode(halves):
+    """The forward down kernel run by Pallas's GPU interpret mode on the CPU (TMA, barriers and
+    the warp-specialised pipeline simulated): its values, with and without half tiles. (dx reads
+    transposed weight tiles, which JAX 0.10.2's interpreter does not model: a GPU-only check.)"""
+    args = _operands("down")
+    half = HALF if halves else [0] * len(TILES)
+    got = moe_mosaic.down(*args, half_T=jnp.asarray(half, jnp.int32), interpret=True)
+    got = np.asarray(got.astype(jnp.float32))
+    want = _reference("down", *args, half=half)
+    used = ~np.isnan(want[:, 0])
+    np.testing.assert_allclose(got[used], want[used], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not moe_mosaic.supported(), reason="needs a Hopper GPU (JAX_PLATFORMS=cuda)")

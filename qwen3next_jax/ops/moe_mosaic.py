@@ -76,13 +76,16 @@ def grouped_rows_matmul(
     transpose_b: bool = False,
     config: Config = DOWN,
     num_sms: int | None = None,
+    interpret: bool = False,
 ):
     """[R, N] in a's dtype: sum_p a_p rows of tile t times b_p[tile_group[t]] (see module doc).
 
     tile_group_T int [R / 128]; a_p [R, K]; b_p [G, K, N] ([G, N, K] with transpose_b), all in
     one 16-bit dtype. R a multiple of 128, N of 2 * bn, K of bk. half_T int [R / 128] (optional):
     where nonzero, only the tile's first 64 rows are multiplied and its last 64 are stored as
-    zeros (a group's last tile with at most 64 used rows: `moe_pallas._half_tiles`)."""
+    zeros (a group's last tile with at most 64 used rows: `moe_pallas._half_tiles`). interpret:
+    run in Pallas's GPU interpret mode on any host (tests; two simulated SMs unless num_sms; JAX
+    0.10.2's interpreter has no transposed operands, so not with transpose_b there)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -220,17 +223,29 @@ def grouped_rows_matmul(
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((r, n), dt),
-        grid=(num_sms or _num_sms(),),
+        grid=(num_sms or (2 if interpret else _num_sms()),),
         grid_names=("cluster_grid",),
         cluster=(1,),
         cluster_names=("cluster",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **({"interpret": _interpret_params()} if interpret else {}),
     )
     tg = tile_group_T.astype(jnp.int32)
     th = jnp.zeros_like(tg) if half_T is None else half_T.astype(jnp.int32)
     return kernel(tg, th, *a_list, *b_list)
+
+
+def _interpret_params():
+    """Pallas's GPU interpret mode (runs the kernel on a CPU, simulating shared memory, TMA and
+    barriers; public as plgpu.InterpretGPUParams from JAX 0.11)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:  # JAX 0.10
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
 
 
 def _num_sms() -> int:
@@ -240,15 +255,15 @@ def _num_sms() -> int:
         return NUM_SMS_DEFAULT
 
 
-def down(tile_group_T, h_RF, w_down_GFD, half_T=None, config: Config | None = None):
-    """y [R, D] = h rows @ Wd[expert of the row's tile]."""
+def down(tile_group_T, h_RF, w_down_GFD, half_T=None, config: Config | None = None, **kw):
+    """y [R, D] = h rows @ Wd[expert of the row's tile]. kw: grouped_rows_matmul's options."""
     return grouped_rows_matmul(
-        tile_group_T, [h_RF], [w_down_GFD], half_T=half_T, config=config or DOWN
+        tile_group_T, [h_RF], [w_down_GFD], half_T=half_T, config=config or DOWN, **kw
     )
 
 
-def dx(tile_group_T, dg_RF, du_RF, w_gate_GDF, w_up_GDF, half_T=None, config=None):
-    """dx [R, D] = dg @ Wg[e]^T + du @ Wu[e]^T per row tile."""
+def dx(tile_group_T, dg_RF, du_RF, w_gate_GDF, w_up_GDF, half_T=None, config=None, **kw):
+    """dx [R, D] = dg @ Wg[e]^T + du @ Wu[e]^T per row tile. kw: grouped_rows_matmul's options."""
     return grouped_rows_matmul(
         tile_group_T,
         [dg_RF, du_RF],
@@ -256,4 +271,5 @@ def dx(tile_group_T, dg_RF, du_RF, w_gate_GDF, w_up_GDF, half_T=None, config=Non
         half_T=half_T,
         transpose_b=True,
         config=config or DX,
+        **kw,
     )
