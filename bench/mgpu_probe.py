@@ -14,10 +14,13 @@ hold zeros, and half tiles (`moe_pallas.HALF_TILES`) are on for Triton's dx and 
 kernels. Each Mosaic config is checked against Triton's output on the used rows before it is
 timed (unused tiles are left unwritten by it and read by nobody).
 A config is bn,bk,steps,epi_n,delay_release (moe_mosaic.Config), configs separated by ';'.
+`--pingpong` configs (bn,bk,stages,delay) time `down_pingpong`, a form of the down product
+whose two consumer warpgroups work on different tiles through one ring of stages that is never
+drained between tiles (checked on the CPU in Pallas's GPU interpret mode; not yet run on a GPU).
 
 History (bench/RESULTS.md): session 8 measured a single-warpgroup form of the down product at
 2.19-2.32 ms against Triton's 1.82 (bit-equal output); session 9 the warp-specialised form of
-moe_mosaic at 1.54 ms (cuBLAS 1.22).
+moe_mosaic at 1.51-1.59 ms (cuBLAS 1.2), dx 2.95 (Triton 3.29-3.37).
 """
 
 import argparse
@@ -28,6 +31,156 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 F, D, EXPERTS, TOPK = 512, 2048, 512, 10
+
+
+def down_pingpong(
+    tg_T, h_RF, w_GFD, *, bn=128, bk=64, stages=4, delay=0, num_sms=None, interpret=False
+):
+    """The forward down product with the two consumer warpgroups on different output tiles
+    ([128, bn] each, alternating through the CTA's tile list) fed by one producer warpgroup
+    through one ring of `stages` shared-memory stages. A consumer stores its tile while the
+    other multiplies, and the producer never drains the ring between tiles (moe_mosaic's
+    pipeline waits for every stage to be consumed at the end of each tile). delay: wgmma groups
+    left in flight before a stage is handed back (0 or 1). Full tiles only (no half tiles)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from qwen3next_jax.ops import moe_mosaic
+
+    r, f = h_RF.shape
+    d = w_GFD.shape[2]
+    tm, epi_m, epi_n = 128, 64, 64
+    k_steps = f // bk
+    if k_steps % stages or d % bn or f % bk:
+        raise ValueError(f"pingpong: stages {stages} must divide {k_steps} steps; bn | D, bk | F")
+    n_iters = d // bn
+    n_tiles = (r // tm) * n_iters
+    nsm = num_sms or (2 if interpret else moe_mosaic._num_sms())
+    dt = h_RF.dtype
+    item = jnp.dtype(dt).itemsize
+
+    def tf(cols):
+        swizzle = plgpu.find_swizzle(cols * item * 8)
+        return (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
+
+    def body(tg_gmem, h_gmem, w_gmem, o_gmem):
+        @functools.partial(
+            pl.run_scoped,
+            a_smem=plgpu.SMEM((stages, tm, bk), dt, transforms=tf(bk)),
+            b_smem=plgpu.SMEM((stages, bk, bn), dt, transforms=tf(min(bn, 128 // item))),
+            out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), dt, transforms=tf(epi_n)),
+            produced=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),
+            consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+            collective_axes="wg",
+        )
+        def _scope(a_smem, b_smem, out_smem, produced, consumed):
+            wg = jax.lax.axis_index("wg")
+            c = jax.lax.axis_index("sm")
+            n_local = (n_tiles - c + nsm - 1) // nsm
+
+            def tile(i):
+                t = c + i * nsm
+                mi = t // n_iters
+                return mi, t % n_iters, tg_gmem[mi]
+
+            @pl.when(wg == 2)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+
+                def loop(i, used):
+                    mi, ni, e = tile(i)
+                    owner = i % 2
+
+                    @pl.when(e >= 0)
+                    def _():
+                        for k in range(k_steps):
+                            s = k % stages
+                            if k < stages:  # a stage's first fill waits for nobody
+
+                                @pl.when(used > 0)
+                                def _(s=s):
+                                    plgpu.barrier_wait(consumed.at[s])
+
+                            else:
+                                plgpu.barrier_wait(consumed.at[s])
+                            bar = produced.at[owner * stages + s]
+                            plgpu.copy_gmem_to_smem(
+                                h_gmem.at[pl.ds(mi * tm, tm), pl.ds(k * bk, bk)], a_smem.at[s], bar
+                            )
+                            plgpu.copy_gmem_to_smem(
+                                w_gmem.at[jnp.maximum(e, 0), pl.ds(k * bk, bk), pl.ds(ni * bn, bn)],
+                                b_smem.at[s],
+                                bar,
+                            )
+
+                    return used + (e >= 0).astype(jnp.int32)
+
+                used = jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
+
+                @pl.when(used > 0)
+                def _():  # the last consumption of every stage, so no barrier is left mid-phase
+                    for s in range(stages):
+                        plgpu.barrier_wait(consumed.at[s])
+
+            @pl.when(wg < 2)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+
+                def loop(i, carry):
+                    mi, ni, e = tile(i)
+
+                    @pl.when((i % 2 == wg) & (e >= 0))
+                    def _():
+                        def acc_scope(acc_ref):
+                            for k in range(k_steps):
+                                s = k % stages
+                                plgpu.barrier_wait(produced.at[wg * stages + s])
+                                plgpu.wgmma(acc_ref, a_smem.at[s], b_smem.at[s])
+                                plgpu.wgmma_wait(delay)
+                                if delay and k:
+                                    plgpu.barrier_arrive(consumed.at[(k - 1) % stages])
+                                elif not delay:
+                                    plgpu.barrier_arrive(consumed.at[s])
+                            if delay:
+                                plgpu.wgmma_wait(0)
+                                plgpu.barrier_arrive(consumed.at[(k_steps - 1) % stages])
+                            return acc_ref[...]
+
+                        acc = pl.run_scoped(acc_scope, plgpu.ACC((tm, bn))).astype(dt)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        for pi in range(tm // epi_m):
+                            for pj in range(bn // epi_n):
+                                slot = (pi * (bn // epi_n) + pj) % 2
+                                piece = (
+                                    slice(pi * epi_m, (pi + 1) * epi_m),
+                                    slice(pj * epi_n, (pj + 1) * epi_n),
+                                )
+                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                                out_smem[wg, slot] = acc[piece]
+                                plgpu.commit_smem()
+                                plgpu.copy_smem_to_gmem(
+                                    out_smem.at[wg, slot],
+                                    o_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * bn, bn)].at[piece],
+                                )
+
+                    return carry
+
+                jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((r, d), dt),
+        grid=(nsm,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **({"interpret": moe_mosaic._interpret_params()} if interpret else {}),
+    )
+    return kernel(tg_T.astype(jnp.int32), h_RF, w_GFD)
 
 
 def layout(tokens, seed=0):
@@ -56,8 +209,13 @@ def main():
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lower", action="store_true", help="only lower the kernels for CUDA")
-    ap.add_argument("--down", default="128,64,4,64,0;128,64,4,64,1;128,128,2,64,1")
-    ap.add_argument("--dx", default="128,32,4,64,0;128,32,4,64,1;128,64,2,64,1")
+    ap.add_argument("--down", default="128,64,4,64,0")
+    ap.add_argument("--dx", default="128,64,2,64,0")
+    ap.add_argument(
+        "--pingpong",
+        default="128,64,4,0;128,64,4,1;128,64,2,1",
+        help="down_pingpong configs bn,bk,stages,delay separated by ';'",
+    )
     args = ap.parse_args()
     import jax
     import jax.numpy as jnp
@@ -88,17 +246,31 @@ def main():
     # as the fused layer calls them: half tiles in Triton's dx and in both Mosaic kernels
     triton = {"down": moe_pallas._down, "dx": lambda *a: moe_pallas._dx(*a, th)}
     mosaic = {op: functools.partial(f, half_T=th) for op, f in mosaic.items()}
-    cfgs = {"down": configs(args.down), "dx": configs(args.dx)}
+    variants = {
+        op: [
+            (f"Mosaic GPU {label(c)}", functools.partial(mosaic[op], config=c))
+            for c in configs(getattr(args, op))
+        ]
+        for op in ("down", "dx")
+    }
+    for c in args.pingpong.split(";"):
+        if c:
+            bn, bk, stages, delay = (int(v) for v in c.split(","))
+            variants["down"].append(
+                (
+                    f"Mosaic GPU ping-pong bn={bn} bk={bk} stages={stages} delay={delay}",
+                    functools.partial(down_pingpong, bn=bn, bk=bk, stages=stages, delay=delay),
+                )
+            )
     if args.lower:
         for op in ("down", "dx"):
-            for c in cfgs[op]:
-                f = functools.partial(mosaic[op], config=c)
+            for name, f in variants[op]:
                 try:
                     jax.jit(f).trace(*shapes[op]).lower(lowering_platforms=("cuda",))
-                    print(f"lowered for CUDA: {op} {label(c)}")
+                    print(f"lowered for CUDA: {op} {name}")
                 except Exception as e:  # noqa: BLE001 - report each config
                     msg = str(e).splitlines()[0][:200] if str(e) else ""
-                    print(f"{op} {label(c)}: failed: {type(e).__name__}: {msg}")
+                    print(f"{op} {name}: failed: {type(e).__name__}: {msg}")
         return
 
     keys = iter(jax.random.split(jax.random.key(1), 8))
@@ -133,10 +305,9 @@ def main():
         dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
         cublas_ms = time_ms(dense, (a_all, w0), args.steps)
         table.append((op, "cuBLAS dense, one weight, all R rows", cublas_ms, flops * r / n_used))
-        for c in cfgs[op]:
-            name = f"Mosaic GPU {label(c)}"
+        for name, fn in variants[op]:
             try:
-                f = jax.jit(functools.partial(mosaic[op], config=c))
+                f = jax.jit(fn)
                 diff = jnp.where(used[:, None], f(*args_) - ref, 0).astype(jnp.float32)
                 err = float(jnp.max(jnp.abs(diff)) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
                 table.append(
