@@ -51,7 +51,7 @@ def down_pingpong(
 
     r, f = h_RF.shape
     d = w_GFD.shape[2]
-    tm, epi_m, epi_n = 128, 64, 64
+    tm, epi_n = 128, 64
     k_steps = f // bk
     if k_steps % stages or d % bn or f % bk:
         raise ValueError(f"pingpong: stages {stages} must divide {k_steps} steps; bn | D, bk | F")
@@ -62,15 +62,14 @@ def down_pingpong(
     item = jnp.dtype(dt).itemsize
 
     def tf(cols):
-        swizzle = plgpu.find_swizzle(cols * item * 8)
-        return (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
+        return moe_mosaic.smem_transforms(cols, dt)
 
     def body(tg_gmem, h_gmem, w_gmem, o_gmem):
         @functools.partial(
             pl.run_scoped,
             a_smem=plgpu.SMEM((stages, tm, bk), dt, transforms=tf(bk)),
             b_smem=plgpu.SMEM((stages, bk, bn), dt, transforms=tf(min(bn, 128 // item))),
-            out_smem=plgpu.SMEM((2, 2, epi_m, epi_n), dt, transforms=tf(epi_n)),
+            out_smem=plgpu.SMEM((2, 2, moe_mosaic.EPI_M, epi_n), dt, transforms=tf(epi_n)),
             produced=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),
             consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
             collective_axes="wg",
@@ -149,21 +148,12 @@ def down_pingpong(
                             return acc_ref[...]
 
                         acc = pl.run_scoped(acc_scope, plgpu.ACC((tm, bn))).astype(dt)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for pi in range(tm // epi_m):
-                            for pj in range(bn // epi_n):
-                                slot = (pi * (bn // epi_n) + pj) % 2
-                                piece = (
-                                    slice(pi * epi_m, (pi + 1) * epi_m),
-                                    slice(pj * epi_n, (pj + 1) * epi_n),
-                                )
-                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                                out_smem[wg, slot] = acc[piece]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(
-                                    out_smem.at[wg, slot],
-                                    o_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * bn, bn)].at[piece],
-                                )
+                        moe_mosaic.store_tile(
+                            acc,
+                            out_smem.at[wg],
+                            o_gmem.at[pl.ds(mi * tm, tm), pl.ds(ni * bn, bn)],
+                            epi_n,
+                        )
 
                     return carry
 

@@ -67,6 +67,37 @@ def supported() -> bool:
     return dev.platform == "gpu" and str(cc).startswith("9")
 
 
+EPI_M = 64  # rows per stored piece of a tile
+
+
+def smem_transforms(cols: int, dtype):
+    """Tiling and swizzle of a shared-memory tile whose minor dimension holds `cols` elements
+    (the widest swizzle, up to 128 bytes, that the row allows; wgmma and TMA read it so)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    item = jnp.dtype(dtype).itemsize
+    swizzle = plgpu.find_swizzle(cols * item * 8)
+    return plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle)
+
+
+def store_tile(acc, out_smem, o_ref, epi_n: int):
+    """Stores acc [rows, cols] (in o_ref's dtype) to the gmem ref o_ref of the same shape through
+    the two [EPI_M, epi_n] shared-memory slots of out_smem, two TMA stores in flight; waits for
+    the slots' previous stores first (one consumer warpgroup's part of an epilogue)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    rows, cols = acc.shape
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for i in range(rows // EPI_M):
+        for j in range(cols // epi_n):
+            slot = (i * (cols // epi_n) + j) % 2
+            piece = (slice(i * EPI_M, (i + 1) * EPI_M), slice(j * epi_n, (j + 1) * epi_n))
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            out_smem[slot] = acc[piece]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[slot], o_ref.at[piece])
+
+
 def grouped_rows_matmul(
     tile_group_T,
     a_list,
@@ -94,7 +125,7 @@ def grouped_rows_matmul(
     r, k = a_list[0].shape
     n = b_list[0].shape[1 if transpose_b else 2]
     dt = a_list[0].dtype
-    cta_n, epi_m = 2 * cfg.bn, 64
+    cta_n = 2 * cfg.bn
     for name, dim, blk in (("rows", r, TILE_M), ("N", n, cta_n), ("K", k, cfg.bk)):
         if dim % blk:
             raise ValueError(f"moe_mosaic: {name} = {dim} is not a multiple of {blk}")
@@ -102,17 +133,9 @@ def grouped_rows_matmul(
         raise ValueError(f"moe_mosaic: epi_n {cfg.epi_n} does not divide bn {cfg.bn}")
     m_iters, n_iters = r // TILE_M, n // cta_n
     item = jnp.dtype(dt).itemsize
-
-    def transforms(cols):
-        swizzle = plgpu.find_swizzle(cols * item * 8)
-        return (
-            plgpu.TilingTransform((8, swizzle // item)),
-            plgpu.SwizzleTransform(swizzle),
-        )
-
-    in_tf = transforms(cfg.bk)
+    in_tf = smem_transforms(cfg.bk, dt)
     # B's minor dimension is K when transposed, else N (a 128-byte swizzle when it allows)
-    b_tf = in_tf if transpose_b else transforms(min(cta_n, 128 // item))
+    b_tf = in_tf if transpose_b else smem_transforms(min(cta_n, 128 // item), dt)
     b_block = (cta_n, cfg.bk) if transpose_b else (cfg.bk, cta_n)
     b_index = (lambda s: (0, s)) if transpose_b else (lambda s: (s, 0))
 
@@ -151,7 +174,9 @@ def grouped_rows_matmul(
         @functools.partial(
             pl.run_scoped,
             allocs=allocs,
-            out_smem=plgpu.SMEM((2, 2, epi_m, cfg.epi_n), dt, transforms=transforms(cfg.epi_n)),
+            out_smem=plgpu.SMEM(
+                (2, 2, EPI_M, cfg.epi_n), dt, transforms=smem_transforms(cfg.epi_n, dt)
+            ),
             collective_axes="wg",
         )
         def _scope(allocs, out_smem):
@@ -169,23 +194,12 @@ def grouped_rows_matmul(
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((TILE_M, cfg.bn)))
                     def _acc(acc_ref):
                         run(acc_ref)
-                        acc = acc_ref[...].astype(dt)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        pieces_n = cfg.bn // cfg.epi_n
-                        for i in range(TILE_M // epi_m):
-                            for j in range(pieces_n):
-                                slot = (i * pieces_n + j) % 2
-                                piece = (
-                                    slice(i * epi_m, (i + 1) * epi_m),
-                                    slice(j * cfg.epi_n, (j + 1) * cfg.epi_n),
-                                )
-                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                                out_smem[wg, slot] = acc[piece]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(
-                                    out_smem.at[wg, slot],
-                                    o_gmem.at[rows, cols].at[:, wg_cols].at[piece],
-                                )
+                        store_tile(
+                            acc_ref[...].astype(dt),
+                            out_smem.at[wg],
+                            o_gmem.at[rows, cols].at[:, wg_cols],
+                            cfg.epi_n,
+                        )
 
                 def mma(_, *smems):
                     acc_ref = smems[-1]

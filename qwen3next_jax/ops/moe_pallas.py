@@ -115,13 +115,13 @@ def _blocks(name: str, n: int, k: int) -> tuple[int, int]:
 def _row_blocks(name: str, tg, th=None):
     """(rows per program, the group of each row block, its half-tile flag) of row-tile kernel
     `name`: TUNE's "bm" splits every TILE_M tile into TILE_M / bm blocks of the same group (bm
-    divides TILE_M; no half tiles then). th None or HALF_TILES off: no half tiles."""
+    divides TILE_M; no half tiles then). th None: no half tiles."""
     bm = min(_tune(name, "bm", TILE_M), TILE_M)
     if TILE_M % bm:
         raise ValueError(f"MoE pallas backend: TUNE[{name!r}]['bm']={bm} must divide {TILE_M}")
     if bm != TILE_M:
         tg = jnp.repeat(tg, TILE_M // bm)
-    if th is None or bm != TILE_M or not HALF_TILES:
+    if th is None or bm != TILE_M:
         th = jnp.zeros_like(tg)
     return bm, tg, th
 
@@ -478,7 +478,10 @@ def _tile_maps(sizes_G, start_G, num_rows):
 
 
 def _half_tiles(tg, r1_G):
-    """int32 [R / TILE_M]: 1 where tile t is its group's last and holds <= TILE_M / 2 used rows."""
+    """int32 [R / TILE_M]: 1 where tile t is its group's last and holds <= TILE_M / 2 used rows
+    (all 0 with HALF_TILES off: the one place that switch is read)."""
+    if not HALF_TILES:
+        return jnp.zeros_like(tg)
     start = jnp.arange(tg.shape[0], dtype=jnp.int32) * TILE_M
     used = r1_G[jnp.maximum(tg, 0)] - start
     return ((tg >= 0) & (used <= TILE_M // 2)).astype(jnp.int32)
@@ -718,7 +721,7 @@ def _row_maps(pos_TK, src_R, weights_TK):
 def _fused_down(tg, th, h_RF, wd):
     """The forward down product of the fused path (its unused tiles' rows are never read)."""
     if _mosaic("down", h_RF, wd.shape[2]):
-        return moe_mosaic.down(tg, h_RF, wd, half_T=th if HALF_TILES else None)
+        return moe_mosaic.down(tg, h_RF, wd, half_T=th)
     return _down(tg, h_RF, wd)
 
 
@@ -741,9 +744,8 @@ def _fused_bwd(out_dtype, res, gy_TD):
     gy_TD = gy_TD.astype(x_TD.dtype)
     dg, du, gw_JR = _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g, u, th=th)
     # dx: per-row products, then each token sums its K rows (the dispatch's transpose).
-    mosaic_dx = _mosaic("dx", dg, wg.shape[1])
-    if mosaic_dx:
-        dx_RD = moe_mosaic.dx(tg, dg, du, wg, wu, half_T=th if HALF_TILES else None)
+    if _mosaic("dx", dg, wg.shape[1]):
+        dx_RD = moe_mosaic.dx(tg, dg, du, wg, wu, half_T=th)
     else:
         dx_RD = _dx(tg, dg, du, wg, wu, th)
     dx_TD = sum_rows(dx_RD, pos_TK, x_TD.dtype)
