@@ -232,13 +232,12 @@ def main():
             sd((EXPERTS, D, F), bf),
         ),
     }
-    mosaic = {"down": moe_mosaic.down, "dx": moe_mosaic.dx}
     # as the fused layer calls them: half tiles in Triton's dx and in both Mosaic kernels
     triton = {"down": moe_pallas._down, "dx": lambda *a: moe_pallas._dx(*a, th)}
-    mosaic = {op: functools.partial(f, half_T=th) for op, f in mosaic.items()}
+    mosaic = {"down": moe_mosaic.down, "dx": moe_mosaic.dx}
     variants = {
         op: [
-            (f"Mosaic GPU {label(c)}", functools.partial(mosaic[op], config=c))
+            (f"Mosaic GPU {label(c)}", functools.partial(mosaic[op], half_T=th, config=c))
             for c in configs(getattr(args, op))
         ]
         for op in ("down", "dx")
