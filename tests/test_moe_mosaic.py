@@ -66,9 +66,9 @@ def test_shape_errors_name_the_dimension():
     tg, h, w = _operands("down")
     with pytest.raises(ValueError, match="rows = 1000 is not a multiple of 128"):
         moe_mosaic.down(tg, h[:1000], w)
-    with pytest.raises(ValueError, match="N = 384 is not a multiple of 256"):
-        moe_mosaic.down(tg, h, w[:, :, :384])
-    assert moe_mosaic.fits("down", 2048, 512) and not moe_mosaic.fits("down", 384, 512)
+    with pytest.raises(ValueError, match="N = 320 is not a multiple of 128"):
+        moe_mosaic.down(tg, h, w[:, :, :320])
+    assert moe_mosaic.fits("down", 2048, 512) and not moe_mosaic.fits("down", 320, 512)
     assert not moe_mosaic.fits("dx", 2048, 48)
 
 

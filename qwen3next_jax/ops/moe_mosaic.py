@@ -10,12 +10,14 @@ their transposes). The forward down product is p = 1 (h, Wd); dx is p = 2 ((dg, 
 Wu^T)). Rows are read by TMA, so there is no row gather here: the gathering kernels (gate-up,
 the down backward, the weight gradients) stay Triton.
 
-One CTA per SM loops over [128, 2 * bn] output tiles (persistent, `nd_loop`): a producer
-warpgroup issues the TMA loads `steps` deep, two consumer warpgroups each own bn columns and issue
-the wgmma, and each stores its [128, bn] result through shared memory in [64, epi_n] pieces, two
-in flight, while the producer already loads the next tile. On an H200 at 32K tokens: the forward
-down product 1.51-1.59 ms against Triton's 1.71-1.83, dx 2.95 against 3.29-3.37 (cuBLAS on the
-same work with one weight: 1.2 and 2.3-2.4; bench/RESULTS.md, session 9).
+One CTA per SM walks its share of the [128, bn] output tiles (persistent). A producer warpgroup
+issues the TMA loads of every tile's contraction steps into one ring of `stages` shared-memory
+stages, never drained between tiles; two consumer warpgroups take alternate tiles ("ping-pong"):
+one issues its tile's wgmma while the other stores its finished tile through shared memory in
+[64, epi_n] pieces. On an H200 at 32K tokens (bench/mgpu_probe.py; bench/RESULTS.md, session
+10): the forward down product 1.25-1.30 ms and dx 2.54, against Triton's 1.78 and 3.33 and
+cuBLAS's 1.17-1.23 and 2.36 on the same work with one weight; session 9's form (both consumers
+on halves of one [128, 256] tile, the stages drained at every tile end) took 1.57 and 3.04.
 
 Rows of unused tiles are left unwritten (nothing reads them: the K-row sums read placed rows
 only). Hopper only (wgmma): `supported()` says whether the platform has it.
@@ -33,28 +35,28 @@ NUM_SMS_DEFAULT = 132  # H100 SXM / H200
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """bn: output columns per consumer warpgroup (a CTA covers 2 * bn); bk: contraction step;
-    steps: TMA stages in flight; epi_n: columns per stored piece; delay_release: wgmma groups
-    left in flight when a consumer hands a stage back (0 or 1)."""
+    """bn: output columns of a tile (one consumer warpgroup's [128, bn] fp32 accumulator); bk:
+    contraction step; stages: shared-memory stages of the load ring; epi_n: columns per stored
+    piece; delay: wgmma groups left in flight when a consumer hands a stage back (0 or 1)."""
 
     bn: int = 128
     bk: int = 64
-    steps: int = 4
+    stages: int = 4
     epi_n: int = 64
-    delay_release: int = 0
+    delay: int = 1
 
 
-# 32K tokens on an H200 (bench/mgpu_probe.py, session 9): down 1.51-1.59 ms (Triton 1.77-1.79);
-# dx 2.95 ms with 2 stages of 64 deep and no wgmma left in flight (Triton 3.37; with
-# delay_release=1 3.68, 32-deep steps 4.75-4.94)
+# 32K tokens on an H200 (bench/mgpu_probe.py, session 10): down 1.25-1.30 ms with 4 or 5
+# stages and one wgmma group left in flight (with none 1.30, 2 stages 1.76); dx 2.54 with 5
+# stages and one in flight (none: 2.73-2.88 for 4-6 stages; 2 stages 3.31)
 DOWN = Config()
-DX = Config(bk=64, steps=2)
+DX = Config(stages=5)
 
 
 def fits(name: str, n: int, k: int) -> bool:
     """Whether kernel `name` ("down" / "dx") tiles N output columns and a K-deep contraction."""
     cfg = {"down": DOWN, "dx": DX}[name]
-    return n % (2 * cfg.bn) == 0 and k % cfg.bk == 0
+    return n % cfg.bn == 0 and k % cfg.bk == 0
 
 
 def supported() -> bool:
@@ -83,7 +85,7 @@ def smem_transforms(cols: int, dtype):
 def store_tile(acc, out_smem, o_ref, epi_n: int):
     """Stores acc [rows, cols] (in o_ref's dtype) to the gmem ref o_ref of the same shape through
     the two [EPI_M, epi_n] shared-memory slots of out_smem, two TMA stores in flight; waits for
-    the slots' previous stores first (one consumer warpgroup's part of an epilogue)."""
+    the slots' previous stores first (one consumer warpgroup's epilogue)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     rows, cols = acc.shape
@@ -112,11 +114,12 @@ def grouped_rows_matmul(
     """[R, N] in a's dtype: sum_p a_p rows of tile t times b_p[tile_group[t]] (see module doc).
 
     tile_group_T int [R / 128]; a_p [R, K]; b_p [G, K, N] ([G, N, K] with transpose_b), all in
-    one 16-bit dtype. R a multiple of 128, N of 2 * bn, K of bk. half_T int [R / 128] (optional):
-    where nonzero, only the tile's first 64 rows are multiplied and its last 64 are stored as
-    zeros (a group's last tile with at most 64 used rows: `moe_pallas._half_tiles`). interpret:
-    run in Pallas's GPU interpret mode on any host (tests; two simulated SMs unless num_sms; JAX
-    0.10.2's interpreter has no transposed operands, so not with transpose_b there)."""
+    one 16-bit dtype. R a multiple of 128, N of bn, K of bk. half_T int
+    [R / 128] (optional): where nonzero, only the tile's first 64 rows are multiplied and its
+    last 64 are stored as zeros (a group's last tile with at most 64 used rows:
+    `moe_pallas._half_tiles`). interpret: run in Pallas's GPU interpret mode on any host (tests;
+    two simulated SMs unless num_sms; JAX 0.10.2's interpreter has no transposed operands, so
+    not with transpose_b there)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -125,122 +128,137 @@ def grouped_rows_matmul(
     r, k = a_list[0].shape
     n = b_list[0].shape[1 if transpose_b else 2]
     dt = a_list[0].dtype
-    cta_n = 2 * cfg.bn
-    for name, dim, blk in (("rows", r, TILE_M), ("N", n, cta_n), ("K", k, cfg.bk)):
+    for name, dim, blk in (("rows", r, TILE_M), ("N", n, cfg.bn), ("K", k, cfg.bk)):
         if dim % blk:
             raise ValueError(f"moe_mosaic: {name} = {dim} is not a multiple of {blk}")
-    if cfg.bn % cfg.epi_n:
-        raise ValueError(f"moe_mosaic: epi_n {cfg.epi_n} does not divide bn {cfg.bn}")
-    m_iters, n_iters = r // TILE_M, n // cta_n
+    k_steps = k // cfg.bk
+    total = p * k_steps  # contraction steps of one tile, over the p products
+    if cfg.bn % cfg.epi_n or cfg.delay not in (0, 1):
+        raise ValueError(f"moe_mosaic: epi_n {cfg.epi_n} must divide bn {cfg.bn}, delay be 0 or 1")
+    n_iters = n // cfg.bn
+    n_tiles = (r // TILE_M) * n_iters
+    nsm = num_sms or (2 if interpret else _num_sms())
     item = jnp.dtype(dt).itemsize
-    in_tf = smem_transforms(cfg.bk, dt)
+    b_block = (cfg.bn, cfg.bk) if transpose_b else (cfg.bk, cfg.bn)
     # B's minor dimension is K when transposed, else N (a 128-byte swizzle when it allows)
-    b_tf = in_tf if transpose_b else smem_transforms(min(cta_n, 128 // item), dt)
-    b_block = (cta_n, cfg.bk) if transpose_b else (cfg.bk, cta_n)
-    b_index = (lambda s: (0, s)) if transpose_b else (lambda s: (s, 0))
-
-    def spec(block, index, tf):
-        return plgpu.BlockSpec(
-            block,
-            index,
-            transforms=tf,
-            memory_space=plgpu.SMEM,
-            delay_release=cfg.delay_release,
-        )
-
-    def pipeline(body, compute_context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(k // cfg.bk,),
-            memory_registers=40,
-            in_specs=[spec((TILE_M, cfg.bk), lambda s: (0, s), in_tf)] * p
-            + [spec(b_block, b_index, b_tf)] * p,
-            wg_axis="wg",
-            num_compute_wgs=2,
-            max_concurrent_steps=cfg.steps,
-            compute_context=compute_context,
-        )
-
-    def b_tile(b_gmem, e, cols):
-        return b_gmem.at[e].at[cols, :] if transpose_b else b_gmem.at[e].at[:, cols]
+    b_cols = cfg.bk if transpose_b else min(cfg.bn, 128 // item)
 
     def body(tg_gmem, th_gmem, *refs):
         a_gmems, b_gmems, o_gmem = refs[:p], refs[p : 2 * p], refs[2 * p]
-        unused = lambda *_, **__: None  # noqa: E731 - allocations do not depend on the bodies
-        allocs = pipeline(unused, unused).get_allocations(
-            *a_gmems, *(b_tile(b, 0, pl.ds(0, cta_n)) for b in b_gmems)
-        )
+        stages = cfg.stages
 
         @functools.partial(
             pl.run_scoped,
-            allocs=allocs,
+            a_smem=plgpu.SMEM((stages, TILE_M, cfg.bk), dt, transforms=smem_transforms(cfg.bk, dt)),
+            b_smem=plgpu.SMEM((stages, *b_block), dt, transforms=smem_transforms(b_cols, dt)),
             out_smem=plgpu.SMEM(
                 (2, 2, EPI_M, cfg.epi_n), dt, transforms=smem_transforms(cfg.epi_n, dt)
             ),
+            # a stage is filled for one consumer (its own barriers: a stage's refill for the
+            # other consumer must not complete the waiting one's phase) by two TMA loads
+            produced=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),
+            consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
             collective_axes="wg",
         )
-        def _scope(allocs, out_smem):
+        def _scope(a_smem, b_smem, out_smem, produced, consumed):
             wg = jax.lax.axis_index("wg")
+            sm = jax.lax.axis_index("sm")
+            n_local = (n_tiles - sm + nsm - 1) // nsm  # this CTA's tiles: sm, sm + nsm, ...
 
-            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="cluster_grid")
-            def _tiles(info):
-                mi, ni = plgpu.planar_snake(info.index[0], (m_iters, n_iters), 1, 1)
-                e, half = tg_gmem[mi], th_gmem[mi]
-                rows = pl.ds(mi * TILE_M, TILE_M)
-                cols = pl.ds(ni * cta_n, cta_n)
-                wg_cols = pl.ds(wg * cfg.bn, cfg.bn)
+            def tile(i):
+                t = sm + i * nsm
+                mi = t // n_iters
+                return mi, t % n_iters, tg_gmem[mi], th_gmem[mi]
 
-                def compute_context(run):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((TILE_M, cfg.bn)))
-                    def _acc(acc_ref):
-                        run(acc_ref)
+            # The ring position runs on over tiles: the step count `base` (steps of used tiles
+            # before this one, the same in all three warpgroups) places step j in stage
+            # (base + j) % stages.
+            @pl.when(wg == 2)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+
+                def loop(i, base):
+                    mi, ni, e, _ = tile(i)
+                    e_safe = jnp.maximum(e, 0)
+
+                    @pl.when(e >= 0)
+                    def _():
+                        for j in range(total):
+                            q, kk = divmod(j, k_steps)
+                            s = (base + j) % stages
+                            # a stage's very first fill waits for nobody
+                            pl.when(base + j >= stages)(
+                                functools.partial(plgpu.barrier_wait, consumed.at[s])
+                            )
+                            bar = produced.at[(i % 2) * stages + s]
+                            ks, cols = pl.ds(kk * cfg.bk, cfg.bk), pl.ds(ni * cfg.bn, cfg.bn)
+                            a_src = a_gmems[q].at[pl.ds(mi * TILE_M, TILE_M), ks]
+                            b_src = b_gmems[q].at[e_safe]
+                            b_src = b_src.at[cols, ks] if transpose_b else b_src.at[ks, cols]
+                            plgpu.copy_gmem_to_smem(a_src, a_smem.at[s], bar)
+                            plgpu.copy_gmem_to_smem(b_src, b_smem.at[s], bar)
+
+                    return base + jnp.where(e >= 0, total, 0)
+
+                steps = jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
+                for s in range(stages):  # the last consumption of every filled stage, so no
+                    # barrier is left mid-phase when the CTA exits
+                    pl.when(steps > s)(functools.partial(plgpu.barrier_wait, consumed.at[s]))
+
+            @pl.when(wg < 2)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+
+                def mma(acc_ref, base, half):
+                    for j in range(total):
+                        s = (base + j) % stages
+                        plgpu.barrier_wait(produced.at[wg * stages + s])
+                        a, b = a_smem.at[s], b_smem.at[s]
+                        if transpose_b:
+                            b = plgpu.transpose_ref(b, (1, 0))
+                        if half_T is None:
+                            plgpu.wgmma(acc_ref, a, b)
+                        else:  # a half tile's last 64 accumulator rows stay 0
+                            pl.when(half == 0)(functools.partial(plgpu.wgmma, acc_ref, a, b))
+                            pl.when(half != 0)(
+                                functools.partial(
+                                    plgpu.wgmma, acc_ref.at[: TILE_M // 2], a.at[: TILE_M // 2], b
+                                )
+                            )
+                        plgpu.wgmma_wait(cfg.delay)
+                        if j >= cfg.delay:  # the stage whose wgmma has finished
+                            plgpu.barrier_arrive(consumed.at[(base + j - cfg.delay) % stages])
+                    if cfg.delay:
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(consumed.at[(base + total - 1) % stages])
+                    return acc_ref[...]
+
+                def loop(i, base):
+                    mi, ni, e, half = tile(i)
+
+                    @pl.when((i % 2 == wg) & (e >= 0))
+                    def _():
+                        acc = pl.run_scoped(
+                            functools.partial(mma, base=base, half=half),
+                            plgpu.ACC((TILE_M, cfg.bn)),
+                        )
                         store_tile(
-                            acc_ref[...].astype(dt),
+                            acc.astype(dt),
                             out_smem.at[wg],
-                            o_gmem.at[rows, cols].at[:, wg_cols],
+                            o_gmem.at[pl.ds(mi * TILE_M, TILE_M), pl.ds(ni * cfg.bn, cfg.bn)],
                             cfg.epi_n,
                         )
 
-                def mma(_, *smems):
-                    acc_ref = smems[-1]
+                    return base + jnp.where(e >= 0, total, 0)
 
-                    def products(n):
-                        for a_smem, b_smem in zip(smems[:p], smems[p : 2 * p], strict=True):
-                            if transpose_b:
-                                b = plgpu.transpose_ref(b_smem.at[wg_cols, :], (1, 0))
-                            else:
-                                b = b_smem.at[:, wg_cols]
-                            if n == TILE_M:
-                                plgpu.wgmma(acc_ref, a_smem, b)
-                            else:  # the accumulator's other rows stay 0
-                                plgpu.wgmma(acc_ref.at[:n], a_smem.at[:n], b)
-
-                    if half_T is None:
-                        products(TILE_M)
-                    else:
-                        pl.when(half == 0)(lambda: products(TILE_M))
-                        pl.when(half != 0)(lambda: products(TILE_M // 2))
-                    plgpu.wgmma_wait(cfg.delay_release)
-                    return acc_ref
-
-                @pl.when(e >= 0)
-                def _():
-                    e_safe = jnp.maximum(e, 0)
-                    pipeline(mma, compute_context)(
-                        *(a.at[rows, :] for a in a_gmems),
-                        *(b_tile(b, e_safe, cols) for b in b_gmems),
-                        allocations=allocs,
-                    )
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((r, n), dt),
-        grid=(num_sms or (2 if interpret else _num_sms()),),
-        grid_names=("cluster_grid",),
-        cluster=(1,),
-        cluster_names=("cluster",),
+        grid=(nsm,),
+        grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
