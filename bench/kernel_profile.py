@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import dataclasses
 import glob
 import importlib
 import json
@@ -68,14 +69,18 @@ WORKLOADS = {"moe": moe_step, "delta_rule": delta_rule_step}
 
 
 def apply_overrides(items):
-    """--set MODULE.NAME=VALUE: sets constant NAME of qwen3next_jax.ops.MODULE to a literal."""
+    """--set MODULE.NAME=VALUE: sets constant NAME of qwen3next_jax.ops.MODULE to a literal; a
+    dict for a dataclass constant replaces those fields (`moe_mosaic.DX={"stages": 4}`)."""
     for item in items:
         target, value = item.split("=", 1)
         mod_name, attr = target.rsplit(".", 1)
         mod = importlib.import_module(f"qwen3next_jax.ops.{mod_name}")
         if not hasattr(mod, attr):
             sys.exit(f"--set {item}: {mod.__name__} has no {attr}")
-        setattr(mod, attr, ast.literal_eval(value))
+        value, current = ast.literal_eval(value), getattr(mod, attr)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = dataclasses.replace(current, **value)
+        setattr(mod, attr, value)
 
 
 def _stat(event, name):

@@ -15,7 +15,7 @@ issues the TMA loads of every tile's contraction steps into one ring of `stages`
 stages, never drained between tiles; two consumer warpgroups take alternate tiles ("ping-pong"):
 one issues its tile's wgmma while the other stores its finished tile through shared memory in
 [64, epi_n] pieces. On an H200 at 32K tokens (bench/mgpu_probe.py; bench/RESULTS.md, session
-10): the forward down product 1.25-1.30 ms and dx 2.54, against Triton's 1.78 and 3.33 and
+10): the forward down product 1.20-1.26 ms and dx 2.45-2.55, against Triton's 1.78 and 3.33 and
 cuBLAS's 1.17-1.23 and 2.36 on the same work with one weight; session 9's form (both consumers
 on halves of one [128, 256] tile, the stages drained at every tile end) took 1.57 and 3.04.
 
@@ -46,11 +46,12 @@ class Config:
     delay: int = 1
 
 
-# 32K tokens on an H200 (bench/mgpu_probe.py, session 10): down 1.25-1.30 ms with 4 or 5
-# stages and one wgmma group left in flight (with none 1.30, 2 stages 1.76); dx 2.54 with 5
-# stages and one in flight (none: 2.73-2.88 for 4-6 stages; 2 stages 3.31)
-DOWN = Config()
-DX = Config(stages=5)
+# 32K tokens on an H200 (bench/mgpu_probe.py, session 10; two runs): down 1.20-1.26 ms with 5
+# stages and one wgmma group left in flight (4 stages 1.29-1.30, 3 1.60; none in flight 1.37);
+# dx 2.45 with 4 stages and one in flight, 2.54-2.55 with 5, 2.74 with 6 (none in flight:
+# 2.73-2.88 for 4-6 stages)
+DOWN = Config(stages=5)
+DX = Config()
 
 
 def fits(name: str, n: int, k: int) -> bool:
