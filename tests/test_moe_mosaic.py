@@ -96,3 +96,20 @@ def test_matches_reference_on_hopper(op):
     want = _reference(op, *args)
     used = ~np.isnan(want[:, 0])
     np.testing.assert_allclose(got[used], want[used], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "config, num_sms",
+    [(moe_mosaic.Config(bk=32, stages=3, delay=0), 3), (moe_mosaic.Config(stages=2), 1)],
+)
+def test_down_ring_configs_in_interpret_mode(config, num_sms):
+    """The load ring with other depths, steps and SM counts than the default: 3 stages over 4
+    steps a tile (the ring's position moves on between tiles) on 3 SMs; 2 stages, one SM walking
+    every tile with one wgmma group in flight."""
+    args = _operands("down")
+    half = jnp.asarray(HALF, jnp.int32)
+    got = moe_mosaic.down(*args, half_T=half, config=config, num_sms=num_sms, interpret=True)
+    got = np.asarray(got.astype(jnp.float32))
+    want = _reference("down", *args)
+    used = ~np.isnan(want[:, 0])
+    np.testing.assert_allclose(got[used], want[used], rtol=2e-2, atol=2e-2)
