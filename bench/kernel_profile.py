@@ -3,6 +3,7 @@
     python3 bench/kernel_profile.py moe --tokens 32768 --backend pallas_fused --router pallas
     python3 bench/kernel_profile.py delta_rule --shape 1x32768 [--tuning '{"bv_seq": 64}']
     python3 bench/kernel_profile.py moe --set moe_pallas.TGMM_ROWS=128   # a module constant
+    python3 bench/kernel_profile.py moe --set 'moe_mosaic.DX={"stages": 5}'  # a config's fields
 
 Runs the workload's jitted step (forward+backward unless --fwd) a few times, traces --steps more
 with jax.profiler, and prints each GPU kernel's time per step (summed over its launches), its

@@ -86,9 +86,9 @@ TUNE: dict = {
 
 
 # Kernels of the fused path that run as Mosaic GPU kernels (ops/moe_mosaic.py: TMA + wgmma,
-# warp-specialised) on a Hopper GPU instead of Triton: "down" (forward) and "dx". 32K tokens on
-# an H200 (bench/mgpu_probe.py, session 9): down 1.51-1.59 ms against Triton's 1.77-1.79, dx
-# 2.95 against 3.37
+# warp-specialised, ping-pong) on a Hopper GPU instead of Triton: "down" (forward) and "dx". 32K
+# tokens on an H200 (bench/mgpu_probe.py, session 10): down 1.20-1.26 ms against Triton's
+# 1.75-1.78, dx 2.45-2.55 against 3.33-3.36
 MOSAIC_KERNELS: tuple = ("down", "dx")
 
 
