@@ -49,7 +49,8 @@ class Config:
 # 32K tokens on an H200 (bench/mgpu_probe.py, session 10; two runs): down 1.20-1.26 ms with 5
 # stages and one wgmma group left in flight (4 stages 1.29-1.30, 3 1.60; none in flight 1.37);
 # dx 2.45 with 4 stages and one in flight, 2.54-2.55 with 5, 2.74 with 6 (none in flight:
-# 2.73-2.88 for 4-6 stages)
+# 2.73-2.88 for 4-6 stages). The layer agreed (fwd+bwd, one run): 16.69 ms with this dx, 17.02
+# with 5 stages, 16.99 with none in flight
 DOWN = Config(stages=5)
 DX = Config()
 
@@ -115,12 +116,11 @@ def grouped_rows_matmul(
     """[R, N] in a's dtype: sum_p a_p rows of tile t times b_p[tile_group[t]] (see module doc).
 
     tile_group_T int [R / 128]; a_p [R, K]; b_p [G, K, N] ([G, N, K] with transpose_b), all in
-    one 16-bit dtype. R a multiple of 128, N of bn, K of bk. half_T int
-    [R / 128] (optional): where nonzero, only the tile's first 64 rows are multiplied and its
-    last 64 are stored as zeros (a group's last tile with at most 64 used rows:
-    `moe_pallas._half_tiles`). interpret: run in Pallas's GPU interpret mode on any host (tests;
-    two simulated SMs unless num_sms; JAX 0.10.2's interpreter has no transposed operands, so
-    not with transpose_b there)."""
+    one 16-bit dtype. R a multiple of 128, N of bn, K of bk. half_T int [R / 128] (optional):
+    where nonzero, only the tile's first 64 rows are multiplied and its last 64 are stored as
+    zeros (a group's last tile with at most 64 used rows: `moe_pallas._half_tiles`). interpret:
+    run in Pallas's GPU interpret mode on any host (tests; two simulated SMs unless num_sms; JAX
+    0.10.2's interpreter has no transposed operands, so not with transpose_b there)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
