@@ -172,8 +172,11 @@ def grouped_rows_matmul(
                 return mi, t % n_iters, tg_gmem[mi], th_gmem[mi]
 
             # The ring position runs on over tiles: the step count `base` (steps of used tiles
-            # before this one, the same in all three warpgroups) places step j in stage
-            # (base + j) % stages.
+            # before this one) places step j in stage (base + j) % stages. All three warpgroups
+            # must count it alike, hence one function.
+            def next_base(base, e):
+                return base + jnp.where(e >= 0, total, 0)
+
             @pl.when(wg == 2)
             def _producer():
                 plgpu.set_max_registers(40, action="decrease")
@@ -199,7 +202,7 @@ def grouped_rows_matmul(
                             plgpu.copy_gmem_to_smem(a_src, a_smem.at[s], bar)
                             plgpu.copy_gmem_to_smem(b_src, b_smem.at[s], bar)
 
-                    return base + jnp.where(e >= 0, total, 0)
+                    return next_base(base, e)
 
                 steps = jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
                 for s in range(stages):  # the last consumption of every filled stage, so no
@@ -250,7 +253,7 @@ def grouped_rows_matmul(
                             cfg.epi_n,
                         )
 
-                    return base + jnp.where(e >= 0, total, 0)
+                    return next_base(base, e)
 
                 jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
