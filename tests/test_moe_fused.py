@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from moe_testing import small_pallas_tiles, split_value_and_grad  # noqa: F401 (autouse fixture)
 
-from qwen3next_jax.ops import moe, moe_experts, moe_pallas
+from qwen3next_jax.ops import moe, moe_experts, moe_mosaic, moe_pallas
 
 T, D, F, E, K = 40, 64, 32, 8, 3
 
@@ -154,6 +154,22 @@ def test_fused_expert_parallel_matches_reference(kind, mesh_shape, names):
     _assert_close(got, _run("reference", args), 1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_sorted_weight_grads_match_reference(dtype, monkeypatch):
+    """The backward that Hopper runs (_sorted_wgrad): the gate-up and down-backward kernels also
+    write the gathered x and cotangent rows, and the weight gradients are products over sorted
+    rows (moe_mosaic.grouped_weight_grad, here its plain-JAX reference: the kernel is Hopper
+    only). Padding and half-tile rows must add nothing."""
+    monkeypatch.setattr(moe_pallas, "_sorted_wgrad", lambda *a: True)
+    monkeypatch.setattr(moe_mosaic, "grouped_weight_grad", moe_mosaic.weight_grad_reference)
+    dt = jnp.dtype(dtype)
+    args = _inputs(dt, "random", seed=6)
+    ref = _run("reference", tuple(a.astype(jnp.float32) if a.dtype == dt else a for a in args))
+    _assert_close(
+        _run("pallas_fused", args, tune="sorted"), ref, 1e-5 if dt == jnp.float32 else 1.5e-2
+    )
+
+
 def _rd_buffers(backend):
     """Distinct [R, D]-shaped arrays in the jaxpr of the op's gradient (R = the pallas rows)."""
     x, w, idx, wg, wu, wd, cot = _inputs(jnp.float32, "random")
@@ -229,6 +245,15 @@ def test_fused_kernels_lower_to_triton(monkeypatch):
     text = jax.export.export(fn, **export_kw)(*args).mlir_module()
     assert 'name = "_down_bwd_gather_kernel"' in text
     assert 'name = "_dwh_gather_kernel"' not in text
+    # Hopper's backward (_sorted_wgrad): the gathering kernels with their row outputs, the
+    # weight gradients as Mosaic GPU kernels
+    monkeypatch.setattr(moe_pallas, "DOWN_BWD_SPLIT", True)
+    monkeypatch.setattr(moe_pallas, "_sorted_wgrad", lambda *a: True)
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5)))
+    export_kw["disabled_checks"].append(jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2"))
+    text = jax.export.export(fn, **export_kw)(*args).mlir_module()
+    assert 'name = "_tgmm_kernel"' not in text
+    assert text.count("mosaic_gpu_v2") >= 2  # dW_gate with dW_up, dW_down
 
 
 def test_sum_rows_kernel_matches_gather_sum():

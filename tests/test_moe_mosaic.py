@@ -1,8 +1,9 @@
-"""The Mosaic GPU row-tile products (ops/moe_mosaic.py): that they lower for CUDA from any host
+"""The Mosaic GPU products (ops/moe_mosaic.py): that they lower for CUDA from any host
 (shared-memory budget and layouts are checked at lowering), their shape errors, the forward down
-kernel's values in Pallas's GPU interpret mode on the CPU, and, on a Hopper GPU, both kernels'
-values against a per-tile reference (run on the device machine with JAX_PLATFORMS=cuda;
-bench/mgpu_probe.py checks them at the benchmark's shapes too)."""
+kernel's values and the weight-gradient kernel's pipeline in Pallas's GPU interpret mode on the
+CPU, and, on a Hopper GPU, all three kernels' values against a reference (run on the device
+machine with JAX_PLATFORMS=cuda,cpu; bench/mgpu_probe.py checks them at the benchmark's shapes
+too)."""
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +113,81 @@ def test_down_ring_configs_in_interpret_mode(config, num_sms):
     half = jnp.asarray(HALF, jnp.int32)
     got = moe_mosaic.down(*args, half_T=half, config=config, num_sms=num_sms, interpret=True)
     _assert_matches_reference("down", got, args)
+
+
+# The weight gradients: groups of 150, 0, 64 and 300 rows on 128-aligned starts (an empty group,
+# one that ends on a step boundary, one spanning three tiles); b's rows past a group's end are 0,
+# as the layout's padding
+WG_SIZES = [150, 0, 64, 300]
+A_COLS, N_COLS = 256, 128
+
+
+def _wgrad_operands():
+    sizes = np.asarray(WG_SIZES)
+    tm = moe_mosaic.TILE_M
+    padded = -(-sizes // tm) * tm
+    starts = np.cumsum(padded) - padded
+    r = int(padded.sum())
+    used = np.zeros(r, bool)
+    for s0, n in zip(starts, sizes, strict=True):
+        used[s0 : s0 + n] = True
+    ks = jax.random.split(jax.random.key(1), 3)
+    a = jax.random.normal(ks[0], (r, A_COLS)).astype(jnp.bfloat16)
+    bs = [
+        jnp.where(used[:, None], jax.random.normal(k, (r, N_COLS)), 0).astype(jnp.bfloat16)
+        for k in ks[1:]
+    ]
+    return jnp.asarray(starts, jnp.int32), jnp.asarray(starts + sizes, jnp.int32), a, bs
+
+
+def test_weight_grad_lowers_for_cuda():
+    r0, r1, a, bs = _wgrad_operands()
+    sd = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+    fn = jax.jit(lambda r0, r1, a, b1, b2: moe_mosaic.grouped_weight_grad(r0, r1, a, [b1, b2]))
+    text = fn.trace(*map(sd, (r0, r1, a, *bs))).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 1
+    assert moe_mosaic.fits("wgrad", 512, 2048) and not moe_mosaic.fits("wgrad", 512, 2000)
+    with pytest.raises(ValueError, match="A = 200 is not a multiple of 128"):
+        moe_mosaic.grouped_weight_grad(r0, r1, a[:, :200], bs)
+
+
+def test_weight_grad_pipeline_in_interpret_mode(monkeypatch):
+    """The weight-gradient kernel's pipeline in interpret mode: units of two b operands over
+    groups of 0 to 3 steps, the ring running on across units on 3 SMs, both consumers' stores.
+    JAX 0.10.2's interpreter models no transposed operand, so a's tile is used as it is (128-row
+    steps make it square): each step adds a_step @ b_step instead of a_step^T @ b_step, which the
+    reference below computes alike; the transpose itself is checked on the GPU."""
+    monkeypatch.setattr(moe_mosaic, "_lhs_transposed", lambda ref: ref)
+    r0, r1, a, bs = _wgrad_operands()
+    bk = 128
+    cfg = moe_mosaic.Config(bk=bk, stages=3)
+    got = moe_mosaic.grouped_weight_grad(r0, r1, a, bs, config=cfg, num_sms=3, interpret=True)
+    af = np.asarray(a, np.float32)
+    for out, b in zip(got, bs, strict=True):
+        bf = np.asarray(b, np.float32)
+        for g, (s0, n) in enumerate(zip(np.asarray(r0), WG_SIZES, strict=True)):
+            want = np.zeros((A_COLS, N_COLS), np.float32)
+            for st in range(-(-n // bk)):
+                rows = slice(s0 + st * bk, s0 + (st + 1) * bk)
+                for ia in range(A_COLS // bk):
+                    cols = slice(ia * bk, (ia + 1) * bk)
+                    want[cols] += af[rows, cols] @ bf[rows]
+            np.testing.assert_allclose(np.asarray(out[g], np.float32), want, rtol=2e-2, atol=0.1)
+
+
+def test_weight_grad_reference_is_per_group_product():
+    r0, r1, a, bs = _wgrad_operands()
+    got = moe_mosaic.weight_grad_reference(r0, r1, a, bs, out_dtype=jnp.float32)
+    af, bf = np.asarray(a, np.float32), np.asarray(bs[1], np.float32)
+    s0, n = int(r0[3]), WG_SIZES[3]
+    np.testing.assert_allclose(got[1][3], af[s0 : s0 + n].T @ bf[s0 : s0 + n], rtol=1e-5, atol=1e-3)
+    assert float(jnp.abs(got[0][1]).max()) == 0.0  # the empty group
+
+
+@pytest.mark.skipif(not moe_mosaic.supported(), reason="needs a Hopper GPU (JAX_PLATFORMS=cuda)")
+def test_weight_grad_matches_reference_on_hopper():
+    r0, r1, a, bs = _wgrad_operands()
+    got = jax.jit(moe_mosaic.grouped_weight_grad)(r0, r1, a, bs)
+    want = moe_mosaic.weight_grad_reference(r0, r1, a, bs, out_dtype=jnp.float32)
+    for g_, w_ in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g_, np.float32), w_, rtol=2e-2, atol=0.1)

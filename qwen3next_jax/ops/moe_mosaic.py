@@ -8,7 +8,12 @@ tile belongs to one expert, `tile_group[t]`, or is unused, -1):
 with b_p [G, K, N], or [G, N, K] and `transpose_b` (dx reads the gate / up weights [G, D, F] as
 their transposes). The forward down product is p = 1 (h, Wd); dx is p = 2 ((dg, Wg^T), (du,
 Wu^T)). Rows are read by TMA, so there is no row gather here: the gathering kernels (gate-up,
-the down backward, the weight gradients) stay Triton.
+the down backward's product) stay Triton, and write the gathered rows out as they go for the
+weight gradients.
+
+`grouped_weight_grad` is the weight gradients' product on the same layout, out[g] = a_g^T b_g
+over each group's rows (dWg, dWu from the sorted x rows and dg, du; dWd from h and the sorted
+cotangent rows), in the same warp-specialised, ping-pong form.
 
 One CTA per SM walks its share of the [128, bn] output tiles (persistent). A producer warpgroup
 issues the TMA loads of every tile's contraction steps into one ring of `stages` shared-memory
@@ -20,7 +25,9 @@ cuBLAS's 1.17-1.23 and 2.36 on the same work with one weight; session 9's form (
 on halves of one [128, 256] tile, the stages drained at every tile end) took 1.57 and 3.04.
 
 Rows of unused tiles are left unwritten (nothing reads them: the K-row sums read placed rows
-only). Hopper only (wgmma): `supported()` says whether the platform has it.
+only). Hopper only (wgmma): `supported()` says whether the platform has it. JAX 0.10.2's Pallas
+interpreter models no transposed operand, so on a CPU only the down kernel and, with its
+operand's transpose swapped out, the weight-gradient pipeline run (tests/test_moe_mosaic.py).
 """
 
 import dataclasses
@@ -56,7 +63,10 @@ DX = Config()
 
 
 def fits(name: str, n: int, k: int) -> bool:
-    """Whether kernel `name` ("down" / "dx") tiles N output columns and a K-deep contraction."""
+    """Whether kernel `name` ("down" / "dx") tiles N output columns and a K-deep contraction;
+    for "wgrad", whether it tiles [K, N] weight gradients (K = a's columns)."""
+    if name == "wgrad":
+        return n % WGRAD.bn == 0 and k % TILE_M == 0
     cfg = {"down": DOWN, "dx": DX}[name]
     return n % cfg.bn == 0 and k % cfg.bk == 0
 
@@ -273,6 +283,35 @@ def grouped_rows_matmul(
     return kernel(tg, th, *a_list, *b_list)
 
 
+def weight_grad_reference(row0_G, row1_G, a_RA, b_list, *, out_dtype=None, **_):
+    """grouped_weight_grad in plain JAX (fp32, exact group rows; a [R, G] mask, for tests).
+    Rows outside every group are never read (they may hold anything, NaN included)."""
+    rows_R1 = jnp.arange(a_RA.shape[0])[:, None]
+    in_RG = (rows_R1 >= row0_G[None]) & (rows_R1 < row1_G[None])
+    read_R1 = jnp.any(in_RG, axis=1, keepdims=True)
+    a = jnp.where(read_R1, a_RA.astype(jnp.float32), 0.0)
+    hi = jax.lax.Precision.HIGHEST
+    return tuple(
+        jnp.einsum(
+            "rg,ra,rn->gan",
+            in_RG.astype(jnp.float32),
+            a,
+            jnp.where(read_R1, b.astype(jnp.float32), 0.0),
+            precision=hi,
+        ).astype(out_dtype or a_RA.dtype)
+        for b in b_list
+    )
+
+
+def _lhs_transposed(ref):
+    """The [bk, 128] shared-memory tile of a as wgmma's [128, bk] left operand (a module
+    function so that a test can swap it: JAX 0.10.2's interpreter models no transposed
+    operands)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.transpose_ref(ref, (1, 0))
+
+
 def _interpret_params():
     """Pallas's GPU interpret mode (runs the kernel on a CPU, simulating shared memory, TMA and
     barriers; public as plgpu.InterpretGPUParams from JAX 0.11)."""
@@ -309,3 +348,182 @@ def dx(tile_group_T, dg_RF, du_RF, w_gate_GDF, w_up_GDF, half_T=None, config=Non
         config=config or DX,
         **kw,
     )
+
+
+# The weight gradients' units have ~10 steps of 64 rows (640 rows an expert at 32K tokens), so
+# the ring and the ping-pong matter more than in the row kernels: the same defaults until the
+# probe says otherwise
+WGRAD = Config()
+
+
+def grouped_weight_grad(
+    row0_G,
+    row1_G,
+    a_RA,
+    b_list,
+    *,
+    out_dtype=None,
+    config: Config | None = None,
+    num_sms: int | None = None,
+    interpret: bool = False,
+):
+    """Per-group a^T b: out_p[g] = a[r0:r1]^T @ b_p[r0:r1] over group g's rows [row0, row1).
+
+    a_RA [R, A]; b_p [R, N] (one or two, sharing a's tiles); all in one 16-bit dtype. row0_G
+    int [G] multiples of config.bk with row1 >= row0, and every row up to row1 rounded up to bk
+    inside the arrays: the last step reads past row1, so those rows must add nothing (a or b zero
+    there, as the tile-aligned layout's padding). A and N multiples of 128 and config.bn. Returns
+    [G, A, N] per b, in out_dtype (default a's), fp32-accumulated; an empty group gives zeros.
+
+    A unit is one [128, bn] tile of one group's output; units run in (group, a-tile, b, n-tile)
+    order, so the SMs share one group's rows in L2. Each step is a wgmma of a's [bk, 128] tile
+    read transposed (wgmma's MN-major operand) against b's [bk, bn] tile. The rows are viewed
+    as [R / bk, bk, .] blocks and a step's block picked by an integer index: a TMA slice whose
+    start is a scalar loaded from memory fails Mosaic GPU's layout inference (JAX 0.10.2)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    cfg = config or WGRAD
+    p = len(b_list)
+    r, a_cols = a_RA.shape
+    n = b_list[0].shape[1]
+    g = row0_G.shape[0]
+    dt = a_RA.dtype
+    out_dt = jnp.dtype(out_dtype or dt)
+    for name, dim, blk in (("A", a_cols, TILE_M), ("N", n, cfg.bn), ("rows", r, cfg.bk)):
+        if dim % blk:
+            raise ValueError(f"moe_mosaic: {name} = {dim} is not a multiple of {blk}")
+    if cfg.bn % cfg.epi_n or cfg.delay not in (0, 1):
+        raise ValueError(f"moe_mosaic: epi_n {cfg.epi_n} must divide bn {cfg.bn}, delay be 0 or 1")
+    n_tiles = n // cfg.bn
+    per_a = p * n_tiles  # units of one a-tile
+    per_g = (a_cols // TILE_M) * per_a
+    n_units = g * per_g
+    nsm = num_sms or (2 if interpret else _num_sms())
+    b_swz = min(cfg.bn, 128 // jnp.dtype(dt).itemsize)
+
+    def body(first_gmem, steps_gmem, a_gmem, *refs):
+        b_gmems, o_gmems = refs[:p], refs[p:]
+        stages = cfg.stages
+
+        @functools.partial(
+            pl.run_scoped,
+            a_smem=plgpu.SMEM((stages, cfg.bk, TILE_M), dt, transforms=smem_transforms(128, dt)),
+            b_smem=plgpu.SMEM((stages, cfg.bk, cfg.bn), dt, transforms=smem_transforms(b_swz, dt)),
+            out_smem=plgpu.SMEM(
+                (2, 2, EPI_M, cfg.epi_n), out_dt, transforms=smem_transforms(cfg.epi_n, out_dt)
+            ),
+            produced=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),
+            consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+            collective_axes="wg",
+        )
+        def _scope(a_smem, b_smem, out_smem, produced, consumed):
+            wg = jax.lax.axis_index("wg")
+            sm = jax.lax.axis_index("sm")
+            n_local = (n_units - sm + nsm - 1) // nsm
+
+            def unit(i):
+                """(group, a-tile, b index, n-tile, first row block, steps) of unit i."""
+                u = sm + i * nsm
+                e, rem = u // per_g, u % per_g
+                q = (rem % per_a) // n_tiles
+                return e, rem // per_a, q, rem % n_tiles, first_gmem[e], steps_gmem[e]
+
+            @pl.when(wg == 2)
+            def _producer():
+                plgpu.set_max_registers(40, action="decrease")
+
+                def loop(i, base):
+                    _, ia, q, ni, blk0, steps = unit(i)
+
+                    def step(j, carry):
+                        s = (base + j) % stages
+                        pl.when(base + j >= stages)(
+                            functools.partial(plgpu.barrier_wait, consumed.at[s])
+                        )
+                        bar = produced.at[(i % 2) * stages + s]
+                        blk = blk0 + j
+                        a_src = a_gmem.at[blk, :, pl.ds(ia * TILE_M, TILE_M)]
+                        plgpu.copy_gmem_to_smem(a_src, a_smem.at[s], bar)
+                        for qq in range(p):  # b's source is chosen at run time
+                            b_src = b_gmems[qq].at[blk, :, pl.ds(ni * cfg.bn, cfg.bn)]
+                            pl.when(q == qq)(
+                                functools.partial(plgpu.copy_gmem_to_smem, b_src, b_smem.at[s], bar)
+                            )
+                        return carry
+
+                    jax.lax.fori_loop(0, steps, step, None)
+                    return base + steps
+
+                used = jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
+                for s in range(stages):  # every filled stage's last consumption
+                    pl.when(used > s)(functools.partial(plgpu.barrier_wait, consumed.at[s]))
+
+            @pl.when(wg < 2)
+            def _consumer():
+                plgpu.set_max_registers(232, action="increase")
+
+                def mma(acc_ref, base, steps):
+                    def step(j, carry):
+                        s = (base + j) % stages
+                        plgpu.barrier_wait(produced.at[wg * stages + s])
+                        plgpu.wgmma(acc_ref, _lhs_transposed(a_smem.at[s]), b_smem.at[s])
+                        plgpu.wgmma_wait(cfg.delay)
+                        # the stage whose wgmma has finished goes back to the producer
+                        pl.when(j >= cfg.delay)(
+                            functools.partial(
+                                plgpu.barrier_arrive, consumed.at[(base + j - cfg.delay) % stages]
+                            )
+                        )
+                        return carry
+
+                    jax.lax.fori_loop(0, steps, step, None)
+                    if cfg.delay:
+                        plgpu.wgmma_wait(0)
+                        pl.when(steps > 0)(
+                            functools.partial(
+                                plgpu.barrier_arrive, consumed.at[(base + steps - 1) % stages]
+                            )
+                        )
+                    return acc_ref[...]
+
+                def loop(i, base):
+                    e, ia, q, ni, _, steps = unit(i)
+
+                    @pl.when(i % 2 == wg)
+                    def _():
+                        acc = pl.run_scoped(
+                            functools.partial(mma, base=base, steps=steps),
+                            plgpu.ACC((TILE_M, cfg.bn)),
+                        )
+                        tile = (e, pl.ds(ia * TILE_M, TILE_M), pl.ds(ni * cfg.bn, cfg.bn))
+                        for qq in range(p):
+                            pl.when(q == qq)(
+                                functools.partial(
+                                    store_tile,
+                                    acc.astype(out_dt),
+                                    out_smem.at[wg],
+                                    o_gmems[qq].at[tile],
+                                    cfg.epi_n,
+                                )
+                            )
+
+                    return base + steps
+
+                jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=[jax.ShapeDtypeStruct((g, a_cols, n), out_dt)] * p,
+        grid=(nsm,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **({"interpret": _interpret_params()} if interpret else {}),
+    )
+    first_G = (row0_G // cfg.bk).astype(jnp.int32)
+    steps_G = jnp.maximum((row1_G - row0_G + cfg.bk - 1) // cfg.bk, 0).astype(jnp.int32)
+    blocks = [x.reshape(r // cfg.bk, cfg.bk, x.shape[1]) for x in (a_RA, *b_list)]
+    return tuple(kernel(first_G, steps_G, *blocks))

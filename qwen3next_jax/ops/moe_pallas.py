@@ -89,7 +89,7 @@ TUNE: dict = {
 # warp-specialised, ping-pong) on a Hopper GPU instead of Triton: "down" (forward) and "dx". 32K
 # tokens on an H200 (bench/mgpu_probe.py, session 10): down 1.20-1.26 ms against Triton's
 # 1.75-1.78, dx 2.45-2.55 against 3.33-3.36
-MOSAIC_KERNELS: tuple = ("down", "dx")
+MOSAIC_KERNELS: tuple = ("down", "dx", "wgrad")
 
 
 def _mosaic(name: str, a, n: int) -> bool:
@@ -325,10 +325,16 @@ def _tgmm_kernel(r0_ref, r1_ref, *refs, bm, n_b, gather):
         o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _gateup_gather_kernel(tg_ref, th_ref, tok_ref, w_ref, x_ref, wg_ref, wu_ref, *out_refs, bk):
+def _gateup_gather_kernel(
+    tg_ref, th_ref, tok_ref, w_ref, x_ref, wg_ref, wu_ref, *out_refs, bk, rows_out
+):
     """_gateup_kernel reading row r as x[tok[r]] from the token-major x (no sorted copy) and
     writing h = w[r] * swiglu (the routing weight folded in, so the combine is a plain row sum).
-    out_refs = (h,) or (h, g, u) when the backward's residuals are wanted."""
+    out_refs = (h,) or (h, g, u) when the backward's residuals are wanted, then with rows_out
+    the gathered rows x[tok] [bm, D] (written by column block 0; a half tile's last half and
+    unused tiles are left unwritten)."""
+    if rows_out:
+        *out_refs, xs_ref = out_refs
     j, i = pl.program_id(0), pl.program_id(1)
     bm, bn = out_refs[0].shape
     cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
@@ -340,6 +346,8 @@ def _gateup_gather_kernel(tg_ref, th_ref, tok_ref, w_ref, x_ref, wg_ref, wu_ref,
         def body(k, acc):
             ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
             xk = x_ref[tok, ks]  # row gather: pointer arithmetic on tok, no copy of x
+            if rows_out:
+                pl.when(j == 0)(lambda: xs_ref.__setitem__((rows, ks), xk))
             return acc[0] + _mm(xk, wg_ref[e, ks, cols]), acc[1] + _mm(xk, wu_ref[e, ks, cols])
 
         z = jnp.zeros((n, bn), jnp.float32)
@@ -369,26 +377,32 @@ def _swiglu_bwd_tile(dwh, g_ref, u_ref, w_ref, dg_ref, du_ref, gw_ref):
     dg_ref[...] = (dh * u * s * (1.0 + g * (1.0 - s))).astype(dg_ref.dtype)
 
 
-def _gathered_dot_t(tok_ref, a_ref, w_ref, e, j, bm, bn, bk):
+def _gathered_dot_t(tok_ref, a_ref, w_ref, e, j, bm, bn, bk, rows_ref=None):
     """[bm, bn] fp32: a[tok] @ w[e, column block j]^T for the first bm rows of a row block (rows
-    gathered by token from the token-major a [T, A]; w [G, N, A])."""
+    gathered by token from the token-major a [T, A]; w [G, N, A]). rows_ref: where column
+    block 0 also stores the gathered rows a[tok] [bm, A]."""
     tok = tok_ref[pl.ds(0, bm)]
     cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
 
     def body(k, acc):
         ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-        return acc + _mm(a_ref[tok, ks], w_ref[e, cols, ks], contract=(1, 1))
+        ak = a_ref[tok, ks]
+        if rows_ref is not None:
+            pl.when(j == 0)(lambda: rows_ref.__setitem__((pl.ds(0, bm), ks), ak))
+        return acc + _mm(ak, w_ref[e, cols, ks], contract=(1, 1))
 
     return jax.lax.fori_loop(0, a_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
 
 
-def _dwh_gather_kernel(tg_ref, th_ref, tok_ref, gy_ref, wd_ref, o_ref, *, bk):
-    """The down backward's product alone (DOWN_BWD_SPLIT): o = gy[tok] @ Wd[e]^T."""
+def _dwh_gather_kernel(tg_ref, th_ref, tok_ref, gy_ref, wd_ref, o_ref, *rows_ref, bk):
+    """The down backward's product alone (DOWN_BWD_SPLIT): o = gy[tok] @ Wd[e]^T; with a
+    rows_ref, the gathered rows gy[tok] [bm, D] too (as _gateup_gather_kernel's x rows)."""
     j, i = pl.program_id(0), pl.program_id(1)
     bm, bn = o_ref.shape
+    rows_ref = rows_ref[0] if rows_ref else None
 
     def product(e, n):
-        dwh = _gathered_dot_t(tok_ref, gy_ref, wd_ref, e, j, n, bn, bk)
+        dwh = _gathered_dot_t(tok_ref, gy_ref, wd_ref, e, j, n, bn, bk, rows_ref)
         o_ref[pl.ds(0, n), :] = dwh.astype(o_ref.dtype)
 
     def zero(rows):
@@ -589,8 +603,9 @@ def _tgmm2(r0_G, r1_G, a_RA, b1, b2, out_dtype, **kw):
     return tuple(_tgmm(r0_G, r1_G, a_RA, [b], out_dtype, **kw)[0] for b in (b1, b2))
 
 
-def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals, th=None):
-    """(h,) or (h, g, u), each [R, F] in x's dtype; R = tok_R's length."""
+def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals, th=None, rows_out=False):
+    """(h,) or (h, g, u), each [R, F] in x's dtype; R = tok_R's length. rows_out: also the
+    gathered rows x[tok] [R, D] (rows the weight gradients never read left unwritten)."""
     r, d = tok_R.shape[0], x_TD.shape[1]
     f = wg.shape[2]
     (bm, tg, th), (bn, bk) = _row_blocks("gateup", tg, th), _blocks("gateup", f, d)
@@ -598,21 +613,24 @@ def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals, th=None):
     tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
     n_out = 3 if residuals else 1
+    rows = [pl.BlockSpec((bm, d), lambda j, i: (i, 0))] if rows_out else []
+    rows_shape = [jax.ShapeDtypeStruct((r, d), x_TD.dtype)] if rows_out else []
     return _call(
-        functools.partial(_gateup_gather_kernel, bk=bk),
+        functools.partial(_gateup_gather_kernel, bk=bk, rows_out=rows_out),
         (f // bn, r // bm),
         [_full(tg.shape), _full(th.shape), row_vec, row_vec, _full(x_TD.shape)]
         + [_full(wg.shape), _full(wu.shape)],
-        [tile] * n_out,
-        [out] * n_out,
+        [tile] * n_out + rows,
+        [out] * n_out + rows_shape,
         (bm * bk + 2 * bk * bn) * x_TD.dtype.itemsize,
         name="gateup",
     )(tg, th, tok_R, w_R, x_TD, wg, wu)
 
 
-def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF, th=None):
+def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF, th=None, rows_out=False):
     """dg, du [R, F] in g's dtype; gw [J, R] fp32, shares of dL/dw to sum over J. th: half
-    tiles (DOWN_BWD_SPLIT's product only)."""
+    tiles (DOWN_BWD_SPLIT's product only). rows_out (DOWN_BWD_SPLIT only): the gathered rows
+    gy[tok] [R, D] as a fourth output (as _gateup_gather's)."""
     r, f = g_RF.shape
     d = gy_TD.shape[1]
     (bm, tg, th), (bn, bk) = _row_blocks("down_bwd", tg, th), _blocks("down_bwd", f, d)
@@ -620,16 +638,20 @@ def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF, th=None):
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
     out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
     if DOWN_BWD_SPLIT:
-        dwh = _call(
+        rows = [pl.BlockSpec((bm, d), lambda j, i: (i, 0))] if rows_out else []
+        rows_shape = [jax.ShapeDtypeStruct((r, d), gy_TD.dtype)] if rows_out else []
+        dwh, *gys = _call(
             functools.partial(_dwh_gather_kernel, bk=bk),
             (f // bn, r // bm),
             [_full(tg.shape), _full(th.shape), row_vec, _full(gy_TD.shape), _full(wd.shape)],
-            tile,
-            out,
+            [tile] + rows,
+            [out] + rows_shape,
             (bm * bk + bk * bn) * gy_TD.dtype.itemsize,
             name="down_bwd",
         )(tg, th, tok_R, gy_TD, wd)
-        return _swiglu_bwd_rows(dwh, g_RF, u_RF, w_R)
+        return (*_swiglu_bwd_rows(dwh, g_RF, u_RF, w_R), *gys)
+    if rows_out:
+        raise ValueError("MoE pallas backend: the gathered cotangent rows need DOWN_BWD_SPLIT")
     return _call(
         functools.partial(_down_bwd_gather_kernel, bk=bk),
         (f // bn, r // bm),
@@ -725,6 +747,23 @@ def _fused_down(tg, th, h_RF, wd):
     return _down(tg, h_RF, wd)
 
 
+def _sorted_wgrad(x_TD, wg) -> bool:
+    """Whether the fused backward's weight gradients run as Mosaic GPU kernels on sorted rows:
+    the gate-up kernel then also writes the gathered x rows (an [R, D] residual) and the down
+    backward's product the gathered cotangent rows (transient), since a Hopper TMA cannot
+    gather rows."""
+    d, f = wg.shape[1], wg.shape[2]
+    # a half tile's last TILE_M / 2 rows of gathered rows are never written: its steps must
+    # end at the half
+    steps_halve = (TILE_M // 2) % moe_mosaic.WGRAD.bk == 0
+    return (
+        DOWN_BWD_SPLIT
+        and steps_halve
+        and _mosaic("wgrad", x_TD, f)
+        and moe_mosaic.fits("wgrad", d, f)
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
 def _fused(tg, th, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
     tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
@@ -734,23 +773,31 @@ def _fused(tg, th, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_
 
 def _fused_fwd(tg, th, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
     tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
-    h, g, u = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals=True, th=th)
+    sort = _sorted_wgrad(x_TD, wg)
+    h, g, u, *xs = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, True, th=th, rows_out=sort)
     y_TD = sum_rows(_fused_down(tg, th, h, wd), pos_TK, out_dtype)
-    return y_TD, (tg, th, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u)
+    xs_RD = xs[0] if sort else None
+    res = (tg, th, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u, xs_RD)
+    return y_TD, res
 
 
 def _fused_bwd(out_dtype, res, gy_TD):
-    tg, th, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u = res
+    tg, th, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u, xs_RD = res
     gy_TD = gy_TD.astype(x_TD.dtype)
-    dg, du, gw_JR = _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g, u, th=th)
+    sort = xs_RD is not None
+    dg, du, gw_JR, *gys = _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g, u, th=th, rows_out=sort)
     # dx: per-row products, then each token sums its K rows (the dispatch's transpose).
     if _mosaic("dx", dg, wg.shape[1]):
         dx_RD = moe_mosaic.dx(tg, dg, du, wg, wu, half_T=th)
     else:
         dx_RD = _dx(tg, dg, du, wg, wu, th)
     dx_TD = sum_rows(dx_RD, pos_TK, x_TD.dtype)
-    (dwd,) = _tgmm(r0_G, r1_G, h, [gy_TD], wd.dtype, tok_R=tok_R, gather=(False, True))
-    dwg, dwu = _tgmm2(r0_G, r1_G, x_TD, dg, du, wg.dtype, tok_R=tok_R, gather=(True, False))
+    if sort:  # rows sorted by expert: TMA-fed Mosaic kernels
+        (dwd,) = moe_mosaic.grouped_weight_grad(r0_G, r1_G, h, gys, out_dtype=wd.dtype)
+        dwg, dwu = moe_mosaic.grouped_weight_grad(r0_G, r1_G, xs_RD, [dg, du], out_dtype=wg.dtype)
+    else:
+        (dwd,) = _tgmm(r0_G, r1_G, h, [gy_TD], wd.dtype, tok_R=tok_R, gather=(False, True))
+        dwg, dwu = _tgmm2(r0_G, r1_G, x_TD, dg, du, wg.dtype, tok_R=tok_R, gather=(True, False))
     gw_TK = _take(jnp.sum(gw_JR, axis=0), pos_TK).astype(weights_TK.dtype)
     return None, None, None, None, None, None, dx_TD, gw_TK, dwg, dwu, dwd
 
