@@ -325,17 +325,61 @@ def _tgmm_kernel(r0_ref, r1_ref, *refs, bm, n_b, gather):
         o_ref[...] = acc.astype(o_ref.dtype)
 
 
+# Columns per step of the row-copy programs (_copy_rows)
+COPY_COLS = 256
+
+
+def _copy_rows(tg_ref, th_ref, i, tok_ref, a_ref, rows_ref):
+    """rows_ref [bm, A] = a[tok] for row block i's used rows (its first half in a half tile;
+    nothing in an unused tile): the gathered rows that the Mosaic weight gradients read."""
+    e, half = tg_ref[i], th_ref[i]
+    bm, a = rows_ref.shape
+    bc = _block(a, COPY_COLS)
+
+    def copy(n):
+        rows = pl.ds(0, n)
+        tok = tok_ref[rows]
+
+        def body(c, carry):
+            cs = pl.ds(pl.multiple_of(c * bc, bc), bc)
+            rows_ref[rows, cs] = a_ref[tok, cs]
+            return carry
+
+        jax.lax.fori_loop(0, a // bc, body, 0)
+
+    pl.when((e >= 0) & (half == 0))(lambda: copy(bm))
+    pl.when((e >= 0) & (half != 0))(lambda: copy(bm // 2))
+
+
+def _with_rows_out(kernel, n_col):
+    """kernel run by column blocks j < n_col; with a trailing rows_ref, column block n_col
+    (one more program per row block, memory-bound among compute-bound ones) copies the row
+    block's gathered rows instead. The copy is a program of its own: as a conditional store
+    inside the product's loop (column block 0 storing the rows it loads) the products came out
+    wrong on an H200 (JAX 0.11.2's Triton)."""
+
+    def run(tg_ref, th_ref, tok_ref, a_ref, *refs, rows_out):
+        # the program ids are read here and passed in: Pallas's interpreter cannot read them
+        # inside a conditional's branch
+        j, i = pl.program_id(0), pl.program_id(1)
+        if not rows_out:
+            return kernel(tg_ref, th_ref, tok_ref, a_ref, *refs, ids=(j, i))
+        *refs, rows_ref = refs
+        pl.when(j < n_col)(lambda: kernel(tg_ref, th_ref, tok_ref, a_ref, *refs, ids=(j, i)))
+        pl.when(j == n_col)(lambda: _copy_rows(tg_ref, th_ref, i, tok_ref, a_ref, rows_ref))
+
+    run.__name__ = getattr(kernel, "func", kernel).__name__  # the name in profiles and IR
+    return run
+
+
 def _gateup_gather_kernel(
-    tg_ref, th_ref, tok_ref, w_ref, x_ref, wg_ref, wu_ref, *out_refs, bk, rows_out
+    tg_ref, th_ref, tok_ref, x_ref, w_ref, wg_ref, wu_ref, *out_refs, bk, ids
 ):
     """_gateup_kernel reading row r as x[tok[r]] from the token-major x (no sorted copy) and
     writing h = w[r] * swiglu (the routing weight folded in, so the combine is a plain row sum).
-    out_refs = (h,) or (h, g, u) when the backward's residuals are wanted, then with rows_out
-    the gathered rows x[tok] [bm, D] (written by column block 0; a half tile's last half and
-    unused tiles are left unwritten)."""
-    if rows_out:
-        *out_refs, xs_ref = out_refs
-    j, i = pl.program_id(0), pl.program_id(1)
+    out_refs = (h,) or (h, g, u) when the backward's residuals are wanted. ids: the program's
+    (column block, row block)."""
+    j, i = ids
     bm, bn = out_refs[0].shape
     cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
 
@@ -346,8 +390,6 @@ def _gateup_gather_kernel(
         def body(k, acc):
             ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
             xk = x_ref[tok, ks]  # row gather: pointer arithmetic on tok, no copy of x
-            if rows_out:
-                pl.when(j == 0)(lambda: xs_ref.__setitem__((rows, ks), xk))
             return acc[0] + _mm(xk, wg_ref[e, ks, cols]), acc[1] + _mm(xk, wu_ref[e, ks, cols])
 
         z = jnp.zeros((n, bn), jnp.float32)
@@ -377,32 +419,27 @@ def _swiglu_bwd_tile(dwh, g_ref, u_ref, w_ref, dg_ref, du_ref, gw_ref):
     dg_ref[...] = (dh * u * s * (1.0 + g * (1.0 - s))).astype(dg_ref.dtype)
 
 
-def _gathered_dot_t(tok_ref, a_ref, w_ref, e, j, bm, bn, bk, rows_ref=None):
+def _gathered_dot_t(tok_ref, a_ref, w_ref, e, j, bm, bn, bk):
     """[bm, bn] fp32: a[tok] @ w[e, column block j]^T for the first bm rows of a row block (rows
-    gathered by token from the token-major a [T, A]; w [G, N, A]). rows_ref: where column
-    block 0 also stores the gathered rows a[tok] [bm, A]."""
+    gathered by token from the token-major a [T, A]; w [G, N, A])."""
     tok = tok_ref[pl.ds(0, bm)]
     cols = pl.ds(pl.multiple_of(j * bn, bn), bn)
 
     def body(k, acc):
         ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
-        ak = a_ref[tok, ks]
-        if rows_ref is not None:
-            pl.when(j == 0)(lambda: rows_ref.__setitem__((pl.ds(0, bm), ks), ak))
-        return acc + _mm(ak, w_ref[e, cols, ks], contract=(1, 1))
+        return acc + _mm(a_ref[tok, ks], w_ref[e, cols, ks], contract=(1, 1))
 
     return jax.lax.fori_loop(0, a_ref.shape[1] // bk, body, jnp.zeros((bm, bn), jnp.float32))
 
 
-def _dwh_gather_kernel(tg_ref, th_ref, tok_ref, gy_ref, wd_ref, o_ref, *rows_ref, bk):
-    """The down backward's product alone (DOWN_BWD_SPLIT): o = gy[tok] @ Wd[e]^T; with a
-    rows_ref, the gathered rows gy[tok] [bm, D] too (as _gateup_gather_kernel's x rows)."""
-    j, i = pl.program_id(0), pl.program_id(1)
+def _dwh_gather_kernel(tg_ref, th_ref, tok_ref, gy_ref, wd_ref, o_ref, *, bk, ids):
+    """The down backward's product alone (DOWN_BWD_SPLIT): o = gy[tok] @ Wd[e]^T. ids: the
+    program's (column block, row block)."""
+    j, i = ids
     bm, bn = o_ref.shape
-    rows_ref = rows_ref[0] if rows_ref else None
 
     def product(e, n):
-        dwh = _gathered_dot_t(tok_ref, gy_ref, wd_ref, e, j, n, bn, bk, rows_ref)
+        dwh = _gathered_dot_t(tok_ref, gy_ref, wd_ref, e, j, n, bn, bk)
         o_ref[pl.ds(0, n), :] = dwh.astype(o_ref.dtype)
 
     def zero(rows):
@@ -610,21 +647,31 @@ def _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, residuals, th=None, rows_out=Fa
     f = wg.shape[2]
     (bm, tg, th), (bn, bk) = _row_blocks("gateup", tg, th), _blocks("gateup", f, d)
     out = jax.ShapeDtypeStruct((r, f), x_TD.dtype)
-    tile = pl.BlockSpec((bm, bn), lambda j, i: (i, j))
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
     n_out = 3 if residuals else 1
-    rows = [pl.BlockSpec((bm, d), lambda j, i: (i, 0))] if rows_out else []
-    rows_shape = [jax.ShapeDtypeStruct((r, d), x_TD.dtype)] if rows_out else []
+    tile, rows, rows_shape = _rows_out_specs(rows_out, f // bn, bm, bn, (r, d), x_TD.dtype)
+    kernel = functools.partial(_gateup_gather_kernel, bk=bk)
     return _call(
-        functools.partial(_gateup_gather_kernel, bk=bk, rows_out=rows_out),
-        (f // bn, r // bm),
-        [_full(tg.shape), _full(th.shape), row_vec, row_vec, _full(x_TD.shape)]
+        functools.partial(_with_rows_out(kernel, f // bn), rows_out=rows_out),
+        (f // bn + rows_out, r // bm),
+        [_full(tg.shape), _full(th.shape), row_vec, _full(x_TD.shape), row_vec]
         + [_full(wg.shape), _full(wu.shape)],
         [tile] * n_out + rows,
         [out] * n_out + rows_shape,
         (bm * bk + 2 * bk * bn) * x_TD.dtype.itemsize,
         name="gateup",
-    )(tg, th, tok_R, w_R, x_TD, wg, wu)
+    )(tg, th, tok_R, x_TD, w_R, wg, wu)
+
+
+def _rows_out_specs(rows_out, n_col, bm, bn, rows_shape, dtype):
+    """([bm, bn] output tile spec, [row spec], [row shape]) of a row kernel with n_col column
+    blocks, and with rows_out the extra copy program's (_with_rows_out): its column block index
+    is clamped (it writes no tile)."""
+    if not rows_out:
+        return pl.BlockSpec((bm, bn), lambda j, i: (i, j)), [], []
+    tile = pl.BlockSpec((bm, bn), lambda j, i: (i, jnp.minimum(j, n_col - 1)))
+    rows = pl.BlockSpec((bm, rows_shape[1]), lambda j, i: (i, 0))
+    return tile, [rows], [jax.ShapeDtypeStruct(rows_shape, dtype)]
 
 
 def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF, th=None, rows_out=False):
@@ -638,11 +685,11 @@ def _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g_RF, u_RF, th=None, rows_out=Fa
     row_vec = pl.BlockSpec((bm,), lambda j, i: (i,))
     out = jax.ShapeDtypeStruct((r, f), g_RF.dtype)
     if DOWN_BWD_SPLIT:
-        rows = [pl.BlockSpec((bm, d), lambda j, i: (i, 0))] if rows_out else []
-        rows_shape = [jax.ShapeDtypeStruct((r, d), gy_TD.dtype)] if rows_out else []
+        tile, rows, rows_shape = _rows_out_specs(rows_out, f // bn, bm, bn, (r, d), gy_TD.dtype)
+        kernel = functools.partial(_dwh_gather_kernel, bk=bk)
         dwh, *gys = _call(
-            functools.partial(_dwh_gather_kernel, bk=bk),
-            (f // bn, r // bm),
+            functools.partial(_with_rows_out(kernel, f // bn), rows_out=rows_out),
+            (f // bn + rows_out, r // bm),
             [_full(tg.shape), _full(th.shape), row_vec, _full(gy_TD.shape), _full(wd.shape)],
             [tile] + rows,
             [out] + rows_shape,
