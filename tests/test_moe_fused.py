@@ -154,20 +154,24 @@ def test_fused_expert_parallel_matches_reference(kind, mesh_shape, names):
     _assert_close(got, _run("reference", args), 1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_sorted_weight_grads_match_reference(dtype, monkeypatch):
+@pytest.mark.parametrize(
+    ("dtype", "which"),
+    [("float32", ("gate_up", "down")), ("bfloat16", ("gate_up", "down"))]
+    + [("float32", ("gate_up",)), ("float32", ("down",))],
+)
+def test_fused_sorted_weight_grads_match_reference(dtype, which, monkeypatch):
     """The backward that Hopper runs (_sorted_wgrad): the gate-up and down-backward kernels also
     write the gathered x and cotangent rows, and the weight gradients are products over sorted
     rows (moe_mosaic.grouped_weight_grad, here its plain-JAX reference: the kernel is Hopper
-    only). Padding and half-tile rows must add nothing."""
+    only); SORTED_WGRAD picks which. Padding and half-tile rows must add nothing."""
     monkeypatch.setattr(moe_pallas, "_sorted_wgrad", lambda *a: True)
+    monkeypatch.setattr(moe_pallas, "SORTED_WGRAD", which)
     monkeypatch.setattr(moe_mosaic, "grouped_weight_grad", moe_mosaic.weight_grad_reference)
     dt = jnp.dtype(dtype)
     args = _inputs(dt, "random", seed=6)
     ref = _run("reference", tuple(a.astype(jnp.float32) if a.dtype == dt else a for a in args))
-    _assert_close(
-        _run("pallas_fused", args, tune="sorted"), ref, 1e-5 if dt == jnp.float32 else 1.5e-2
-    )
+    got = _run("pallas_fused", args, tune=f"sorted {which}")
+    _assert_close(got, ref, 1e-5 if dt == jnp.float32 else 1.5e-2)
 
 
 def _rd_buffers(backend):

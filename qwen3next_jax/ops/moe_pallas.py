@@ -794,11 +794,17 @@ def _fused_down(tg, th, h_RF, wd):
     return _down(tg, h_RF, wd)
 
 
+# Which weight gradients of the fused path run as Mosaic GPU kernels on sorted rows where
+# _sorted_wgrad allows: "gate_up" (the gate-up kernel then also writes the gathered x rows, an
+# [R, D] residual) and "down" (the down backward's product writes the gathered cotangent rows,
+# transient); the others stay Triton kernels that gather by token
+SORTED_WGRAD: tuple = ("gate_up", "down")
+
+
 def _sorted_wgrad(x_TD, wg) -> bool:
-    """Whether the fused backward's weight gradients run as Mosaic GPU kernels on sorted rows:
-    the gate-up kernel then also writes the gathered x rows (an [R, D] residual) and the down
-    backward's product the gathered cotangent rows (transient), since a Hopper TMA cannot
-    gather rows."""
+    """Whether the fused backward's weight gradients may run as Mosaic GPU kernels on sorted
+    rows (SORTED_WGRAD says which): rows that a Hopper TMA cannot gather, so the Triton kernels
+    that gather them anyway write them out."""
     d, f = wg.shape[1], wg.shape[2]
     # a half tile's last TILE_M / 2 rows of gathered rows are never written: its steps must
     # end at the half
@@ -820,7 +826,7 @@ def _fused(tg, th, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_
 
 def _fused_fwd(tg, th, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, out_dtype):
     tok_R, w_R = _row_maps(pos_TK, src_R, weights_TK)
-    sort = _sorted_wgrad(x_TD, wg)
+    sort = _sorted_wgrad(x_TD, wg) and "gate_up" in SORTED_WGRAD
     h, g, u, *xs = _gateup_gather(tg, tok_R, w_R, x_TD, wg, wu, True, th=th, rows_out=sort)
     y_TD = sum_rows(_fused_down(tg, th, h, wd), pos_TK, out_dtype)
     xs_RD = xs[0] if sort else None
@@ -831,19 +837,22 @@ def _fused_fwd(tg, th, r0_G, r1_G, pos_TK, src_R, x_TD, weights_TK, wg, wu, wd, 
 def _fused_bwd(out_dtype, res, gy_TD):
     tg, th, r0_G, r1_G, pos_TK, tok_R, w_R, x_TD, weights_TK, wg, wu, wd, h, g, u, xs_RD = res
     gy_TD = gy_TD.astype(x_TD.dtype)
-    sort = xs_RD is not None
-    dg, du, gw_JR, *gys = _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g, u, th=th, rows_out=sort)
+    sort_d = _sorted_wgrad(x_TD, wg) and "down" in SORTED_WGRAD
+    dg, du, gw_JR, *gys = _down_bwd_gather(tg, tok_R, w_R, gy_TD, wd, g, u, th=th, rows_out=sort_d)
     # dx: per-row products, then each token sums its K rows (the dispatch's transpose).
     if _mosaic("dx", dg, wg.shape[1]):
         dx_RD = moe_mosaic.dx(tg, dg, du, wg, wu, half_T=th)
     else:
         dx_RD = _dx(tg, dg, du, wg, wu, th)
     dx_TD = sum_rows(dx_RD, pos_TK, x_TD.dtype)
-    if sort:  # rows sorted by expert: TMA-fed Mosaic kernels
+    # rows sorted by expert: TMA-fed Mosaic kernels
+    if sort_d:
         (dwd,) = moe_mosaic.grouped_weight_grad(r0_G, r1_G, h, gys, out_dtype=wd.dtype)
-        dwg, dwu = moe_mosaic.grouped_weight_grad(r0_G, r1_G, xs_RD, [dg, du], out_dtype=wg.dtype)
     else:
         (dwd,) = _tgmm(r0_G, r1_G, h, [gy_TD], wd.dtype, tok_R=tok_R, gather=(False, True))
+    if xs_RD is not None:
+        dwg, dwu = moe_mosaic.grouped_weight_grad(r0_G, r1_G, xs_RD, [dg, du], out_dtype=wg.dtype)
+    else:
         dwg, dwu = _tgmm2(r0_G, r1_G, x_TD, dg, du, wg.dtype, tok_R=tok_R, gather=(True, False))
     gw_TK = _take(jnp.sum(gw_JR, axis=0), pos_TK).astype(weights_TK.dtype)
     return None, None, None, None, None, None, dx_TD, gw_TK, dwg, dwu, dwd
