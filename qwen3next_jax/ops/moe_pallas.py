@@ -797,8 +797,11 @@ def _fused_down(tg, th, h_RF, wd):
 # Which weight gradients of the fused path run as Mosaic GPU kernels on sorted rows where
 # _sorted_wgrad allows: "gate_up" (the gate-up kernel then also writes the gathered x rows, an
 # [R, D] residual) and "down" (the down backward's product writes the gathered cotangent rows,
-# transient); the others stay Triton kernels that gather by token
-SORTED_WGRAD: tuple = ("gate_up", "down")
+# transient); the others stay Triton kernels that gather by token. 32K tokens on an H200
+# (bench/RESULTS.md, session 11; same-process A/B, two runs each): gate_up alone 16.07-16.10 ms
+# a fwd+bwd step, both 16.23-16.24, neither 16.40. Traced: dW_gate + dW_up 3.02 -> ~2.1 ms for
+# +0.44 ms in the gate-up kernel; dW_down 1.50 -> ~1.1 for +0.78 in the down backward's product
+SORTED_WGRAD: tuple = ("gate_up",)
 
 
 def _sorted_wgrad(x_TD, wg) -> bool:
