@@ -2,6 +2,7 @@
 warp-specialised) against the Triton kernels they replace and cuBLAS, on one H100/H200, one run.
 
     python3 bench/mgpu_probe.py [--tokens 32768] [--steps 20] [--down CFGS] [--dx CFGS]
+                                [--wgrad CFGS] [--only down,dx,dWgu,dWd]
     python3 bench/mgpu_probe.py --lower     # lowers every config for CUDA (any host)
 
 Products on `moe_pallas`'s tile-aligned row layout at Qwen3-Next shapes (F = 512, D = 2048, 512
@@ -23,7 +24,9 @@ A config is bn,bk,stages,epi_n,delay (moe_mosaic.Config), configs separated by '
 History (bench/RESULTS.md): session 8 measured a single-warpgroup form of the down product at
 2.19-2.32 ms against Triton's 1.82 (bit-equal output); session 9 the warp-specialised form of
 moe_mosaic at 1.51-1.59 ms (cuBLAS 1.2), dx 2.95 (Triton 3.29-3.37); session 10 its ping-pong
-form (consumers on alternate tiles, one ring never drained): down 1.25 ms, dx 2.88.
+form (consumers on alternate tiles, one ring never drained): down 1.25 ms, dx 2.88; session 11
+the weight gradients (grouped_weight_grad): dW_gate + dW_up 2.15 ms (Triton 3.31, cuBLAS batched
+2.46), dW_down 1.12-1.16 (Triton 1.58-1.63, cuBLAS 1.20).
 """
 
 import argparse

@@ -15,7 +15,8 @@ Launch config: BLOCK_N / BLOCK_K / NUM_WARPS / NUM_STAGES, per kernel overridden
 last tile with at most TILE_M / 2 used rows is a half tile (HALF_TILES): the row kernels that
 know it compute its first half only. On a Hopper GPU the fused path's two products without a row
 gather, the forward down product and dx, run as Mosaic GPU kernels instead (MOSAIC_KERNELS,
-ops/moe_mosaic.py).
+ops/moe_mosaic.py), and so do the weight gradients listed in SORTED_WGRAD (by default dW_gate and
+dW_up), over sorted rows that the gathering Triton kernel copies out in programs of their own.
 Padding rows hold x = 0 and dy = 0 (the dispatch fills them so), hence contribute nothing to dW.
 On a non-GPU platform the kernels run in Pallas interpret mode (tests).
 
