@@ -31,7 +31,9 @@ product and a row-wise epilogue: DOWN_BWD_SPLIT). Empty
 rows read token 0 with weight 0, so h = 0 and dh = 0 there: they add nothing to any gradient.
 Per 32K tokens (R ~ 360K rows, D = 2048, bf16) this drops the sorted copy of x (write + read
 ~2.9 GB), the combine backward's two [R, D] reads and one write (~4.7 GB) and both [R, D]
-residuals (x rows and y rows, 3.2 GB of memory).
+residuals (x rows and y rows, 3.2 GB of memory). On a Hopper GPU with "gate_up" in SORTED_WGRAD
+(the default) the x rows come back as a residual (~1.6 GB a layer at 32K tokens; one layer's
+worth under per-layer remat), bought for the faster weight gradients; SORTED_WGRAD = () drops it.
 """
 
 import functools
