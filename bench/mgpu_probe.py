@@ -162,20 +162,14 @@ def main():
         dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
         cublas_ms = time_ms(dense, (a_all, w0), args.steps)
         row(op, "cuBLAS dense, one weight, all R rows", cublas_ms, flops * r / n_used)
+        scale = float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
+
+        def err(got, ref=ref, scale=scale):
+            diff = jnp.where(used[:, None], got - ref, 0).astype(jnp.float32)
+            return float(jnp.max(jnp.abs(diff))) / scale
+
         for name, fn in variants[op]:
-            try:
-                f = jax.jit(fn)
-                diff = jnp.where(used[:, None], f(*args_) - ref, 0).astype(jnp.float32)
-                err = float(jnp.max(jnp.abs(diff)) / jnp.max(jnp.abs(ref.astype(jnp.float32))))
-                row(
-                    op,
-                    f"{name} (max err / max |ref| {err:.1e})",
-                    time_ms(f, args_, args.steps),
-                    flops,
-                )
-            except Exception as e:  # noqa: BLE001 - a failing config is a result too
-                msg = str(e).splitlines()[0][:200] if str(e) else ""
-                row(op, f"{name}: failed: {type(e).__name__}: {msg}", None, flops)
+            checked_row(row, op, name, jax.jit(fn), args_, err, args.steps, flops)
     wgrad_probe(args, (tg, r, used, r0, r1), n_used, configs(args.wgrad), label, rand, row, only)
     print("\n| product | kernel | ms | TFLOP/s |\n|---|---|---|---|")
     for op, name, ms, flops in table:
@@ -245,24 +239,31 @@ def wgrad_probe(args, lay, n_used, cfgs, label, rand, row, only):
             op, "cuBLAS batched, equal groups", time_ms(jax.jit(dense), srt_args, args.steps), flops
         )
         scale = max(float(jnp.max(jnp.abs(v.astype(jnp.float32)))) for v in ref)
+
+        def err(got, ref=ref, scale=scale):
+            f32 = jnp.float32
+            pairs = zip(got, ref, strict=True)
+            return (
+                max(float(jnp.max(jnp.abs(a.astype(f32) - b.astype(f32)))) for a, b in pairs)
+                / scale
+            )
+
         for c in cfgs:
-            name = f"Mosaic GPU {label(c)}"
-            try:
-                f = jax.jit(functools.partial(mos, c=c))
-                got = f(*mos_args)
-                err = max(
-                    float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-                    for a, b in zip(got, ref, strict=True)
-                )
-                row(
-                    op,
-                    f"{name} (max err / max |ref| {err / scale:.1e})",
-                    time_ms(f, mos_args, args.steps),
-                    flops,
-                )
-            except Exception as e:  # noqa: BLE001 - a failing config is a result too
-                msg = str(e).splitlines()[0][:200] if str(e) else ""
-                row(op, f"{name}: failed: {type(e).__name__}: {msg}", None, flops)
+            f = jax.jit(functools.partial(mos, c=c))
+            checked_row(row, op, f"Mosaic GPU {label(c)}", f, mos_args, err, args.steps, flops)
+
+
+def checked_row(row, op, name, fn, args_, err, steps, flops):
+    """Runs fn once, reports err(output) (its distance from the reference, relative to the
+    reference's max) in the row's name and times it; a config that fails is a row too."""
+    from moe import time_ms
+
+    try:
+        e = err(fn(*args_))
+        row(op, f"{name} (max err / max |ref| {e:.1e})", time_ms(fn, args_, steps), flops)
+    except Exception as ex:  # noqa: BLE001 - a failing config is a result too
+        msg = str(ex).splitlines()[0][:200] if str(ex) else ""
+        row(op, f"{name}: failed: {type(ex).__name__}: {msg}", None, flops)
 
 
 if __name__ == "__main__":

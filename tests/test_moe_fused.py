@@ -249,10 +249,11 @@ def test_fused_kernels_lower_to_triton(monkeypatch):
     text = jax.export.export(fn, **export_kw)(*args).mlir_module()
     assert 'name = "_down_bwd_gather_kernel"' in text
     assert 'name = "_dwh_gather_kernel"' not in text
-    # Hopper's backward (_sorted_wgrad): the gathering kernels with their row outputs, the
-    # weight gradients as Mosaic GPU kernels
+    # Hopper's backward (_sorted_wgrad) with every weight gradient on sorted rows: both
+    # gathering kernels with their row-copy programs, the weight gradients as Mosaic GPU kernels
     monkeypatch.setattr(moe_pallas, "DOWN_BWD_SPLIT", True)
     monkeypatch.setattr(moe_pallas, "_sorted_wgrad", lambda *a: True)
+    monkeypatch.setattr(moe_pallas, "SORTED_WGRAD", ("gate_up", "down"))
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5)))
     export_kw["disabled_checks"].append(jax.export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2"))
     text = jax.export.export(fn, **export_kw)(*args).mlir_module()

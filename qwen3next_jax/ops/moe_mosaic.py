@@ -112,6 +112,42 @@ def store_tile(acc, out_smem, o_ref, epi_n: int):
             plgpu.copy_smem_to_gmem(out_smem.at[slot], o_ref.at[piece])
 
 
+def _ring_scope(cfg: Config, a_tile, b_tile, dt, out_dt):
+    """pl.run_scoped over the kernels' shared memory and barriers: `stages` a and b tiles (each
+    given as (shape, minor columns for the swizzle)), the two consumers' two [EPI_M, epi_n] store
+    slots in out_dt, and the ring's barriers."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def smem(tile, dtype):
+        shape, cols = tile
+        return plgpu.SMEM((cfg.stages, *shape), dtype, transforms=smem_transforms(cols, dtype))
+
+    return functools.partial(
+        pl.run_scoped,
+        a_smem=smem(a_tile, dt),
+        b_smem=smem(b_tile, dt),
+        out_smem=plgpu.SMEM(
+            (2, 2, EPI_M, cfg.epi_n), out_dt, transforms=smem_transforms(cfg.epi_n, out_dt)
+        ),
+        # a stage is filled for one consumer (its own barriers: a stage's refill for the other
+        # consumer must not complete the waiting one's phase) by two TMA loads
+        produced=plgpu.Barrier(num_arrivals=2, num_barriers=2 * cfg.stages),
+        consumed=plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages),
+        collective_axes="wg",
+    )
+
+
+def _await_last_consumption(consumed, steps, stages: int):
+    """The producer's last waits: every filled stage's final consumption (of `steps` steps in
+    all), so that no barrier is left mid-phase when the CTA exits."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    for s in range(stages):
+        pl.when(steps > s)(functools.partial(plgpu.barrier_wait, consumed.at[s]))
+
+
 def grouped_rows_matmul(
     tile_group_T,
     a_list,
@@ -158,19 +194,7 @@ def grouped_rows_matmul(
         a_gmems, b_gmems, o_gmem = refs[:p], refs[p : 2 * p], refs[2 * p]
         stages = cfg.stages
 
-        @functools.partial(
-            pl.run_scoped,
-            a_smem=plgpu.SMEM((stages, TILE_M, cfg.bk), dt, transforms=smem_transforms(cfg.bk, dt)),
-            b_smem=plgpu.SMEM((stages, *b_block), dt, transforms=smem_transforms(b_cols, dt)),
-            out_smem=plgpu.SMEM(
-                (2, 2, EPI_M, cfg.epi_n), dt, transforms=smem_transforms(cfg.epi_n, dt)
-            ),
-            # a stage is filled for one consumer (its own barriers: a stage's refill for the
-            # other consumer must not complete the waiting one's phase) by two TMA loads
-            produced=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),
-            consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-            collective_axes="wg",
-        )
+        @_ring_scope(cfg, ((TILE_M, cfg.bk), cfg.bk), (b_block, b_cols), dt, dt)
         def _scope(a_smem, b_smem, out_smem, produced, consumed):
             wg = jax.lax.axis_index("wg")
             sm = jax.lax.axis_index("sm")
@@ -215,9 +239,7 @@ def grouped_rows_matmul(
                     return next_base(base, e)
 
                 steps = jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
-                for s in range(stages):  # the last consumption of every filled stage, so no
-                    # barrier is left mid-phase when the CTA exits
-                    pl.when(steps > s)(functools.partial(plgpu.barrier_wait, consumed.at[s]))
+                _await_last_consumption(consumed, steps, stages)
 
             @pl.when(wg < 2)
             def _consumer():
@@ -407,17 +429,7 @@ def grouped_weight_grad(
         b_gmems, o_gmems = refs[:p], refs[p:]
         stages = cfg.stages
 
-        @functools.partial(
-            pl.run_scoped,
-            a_smem=plgpu.SMEM((stages, cfg.bk, TILE_M), dt, transforms=smem_transforms(128, dt)),
-            b_smem=plgpu.SMEM((stages, cfg.bk, cfg.bn), dt, transforms=smem_transforms(b_swz, dt)),
-            out_smem=plgpu.SMEM(
-                (2, 2, EPI_M, cfg.epi_n), out_dt, transforms=smem_transforms(cfg.epi_n, out_dt)
-            ),
-            produced=plgpu.Barrier(num_arrivals=2, num_barriers=2 * stages),
-            consumed=plgpu.Barrier(num_arrivals=1, num_barriers=stages),
-            collective_axes="wg",
-        )
+        @_ring_scope(cfg, ((cfg.bk, TILE_M), TILE_M), ((cfg.bk, cfg.bn), b_swz), dt, out_dt)
         def _scope(a_smem, b_smem, out_smem, produced, consumed):
             wg = jax.lax.axis_index("wg")
             sm = jax.lax.axis_index("sm")
@@ -457,8 +469,7 @@ def grouped_weight_grad(
                     return base + steps
 
                 used = jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
-                for s in range(stages):  # every filled stage's last consumption
-                    pl.when(used > s)(functools.partial(plgpu.barrier_wait, consumed.at[s]))
+                _await_last_consumption(consumed, used, stages)
 
             @pl.when(wg < 2)
             def _consumer():
