@@ -1,4 +1,4 @@
-"""Row-tile grouped matmuls as Mosaic GPU kernels (Hopper: TMA loads, wgmma, warp-specialised).
+"""MoE grouped matmuls as Mosaic GPU kernels (Hopper: TMA loads, wgmma, warp-specialised).
 
 The same product as `moe_pallas`'s row kernels on its tile-aligned layout (every TILE_M = 128-row
 tile belongs to one expert, `tile_group[t]`, or is unused, -1):
@@ -8,8 +8,8 @@ tile belongs to one expert, `tile_group[t]`, or is unused, -1):
 with b_p [G, K, N], or [G, N, K] and `transpose_b` (dx reads the gate / up weights [G, D, F] as
 their transposes). The forward down product is p = 1 (h, Wd); dx is p = 2 ((dg, Wg^T), (du,
 Wu^T)). Rows are read by TMA, so there is no row gather here: the gathering kernels (gate-up,
-the down backward's product) stay Triton, and write the gathered rows out as they go for the
-weight gradients.
+the down backward's product) stay Triton, and a program of theirs per row block copies the
+gathered rows out for the weight gradients.
 
 `grouped_weight_grad` is the weight gradients' product on the same layout, out[g] = a_g^T b_g
 over each group's rows (dWg, dWu from the sorted x rows and dg, du; dWd from h and the sorted

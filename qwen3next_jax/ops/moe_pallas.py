@@ -89,9 +89,10 @@ TUNE: dict = {
 
 
 # Kernels of the fused path that run as Mosaic GPU kernels (ops/moe_mosaic.py: TMA + wgmma,
-# warp-specialised, ping-pong) on a Hopper GPU instead of Triton: "down" (forward) and "dx". 32K
-# tokens on an H200 (bench/mgpu_probe.py, session 10): down 1.20-1.26 ms against Triton's
-# 1.75-1.78, dx 2.45-2.55 against 3.33-3.36
+# warp-specialised, ping-pong) on a Hopper GPU instead of Triton: "down" (forward), "dx" and
+# "wgrad" (the weight gradients named in SORTED_WGRAD, over sorted rows). 32K tokens on an H200
+# (bench/mgpu_probe.py, sessions 10-11): down 1.20-1.26 ms against Triton's 1.75-1.78, dx
+# 2.45-2.55 against 3.33-3.36, dW_gate + dW_up 2.15 against 3.31
 MOSAIC_KERNELS: tuple = ("down", "dx", "wgrad")
 
 
@@ -851,7 +852,7 @@ def _fused_bwd(out_dtype, res, gy_TD):
     else:
         dx_RD = _dx(tg, dg, du, wg, wu, th)
     dx_TD = sum_rows(dx_RD, pos_TK, x_TD.dtype)
-    # rows sorted by expert: TMA-fed Mosaic kernels
+    # on sorted rows: the TMA-fed Mosaic kernel; else Triton's, reading one operand by token
     if sort_d:
         (dwd,) = moe_mosaic.grouped_weight_grad(r0_G, r1_G, h, gys, out_dtype=wd.dtype)
     else:
