@@ -154,6 +154,19 @@ def test_fused_expert_parallel_matches_reference(kind, mesh_shape, names):
     _assert_close(got, _run("reference", args), 1e-5)
 
 
+def test_fused_on_a_one_device_explicit_mesh_matches_reference():
+    """A mesh whose axes are all of size 1 (bench/moe.py --ep on one GPU) runs the local path:
+    its explicitly typed (size-1) shardings must not reach the token sort."""
+    mesh = jax.make_mesh(
+        (1,), ("expert",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:1]
+    )
+    args = _inputs(jnp.float32, "random", seed=2)
+    with jax.set_mesh(mesh):
+        shard = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+        got = _run("pallas_fused", tuple(shard(a, P("expert")) for a in args), mesh=mesh)
+    _assert_close(got, _run("reference", args), 1e-5)
+
+
 @pytest.mark.parametrize(
     ("dtype", "which"),
     [("float32", ("gate_up", "down")), ("bfloat16", ("gate_up", "down"))]
