@@ -370,11 +370,15 @@ def routed_experts(
     tok_axes = tuple(a for a in token_axes if a in names)
     num_shards = mesh.shape[expert_axis] if expert_axis in names else 1
     tok_shards = math.prod(mesh.shape[a] for a in tok_axes) if tok_axes else 1
-    # A mesh of size-1 explicit axes still types the arrays as sharded, which the local ops
-    # refuse (a sort over a "sharded" slot dimension; Pallas's interpreter): shard_map below
-    # runs them on its one shard
-    explicit = mesh is not None and jax.sharding.AxisType.Explicit in mesh.axis_types
-    if mesh is None or (num_shards == 1 and tok_shards == 1 and not explicit):
+    # Explicit token / expert axes of size 1 still type the arrays as sharded over them, which
+    # the local ops refuse (a sort over a "sharded" slot dimension; Pallas's interpreter):
+    # shard_map below runs them on its one shard
+    size_one_explicit = (
+        mesh is not None
+        and jax.sharding.AxisType.Explicit in mesh.axis_types
+        and bool(tok_axes or expert_axis in names)
+    )
+    if mesh is None or (num_shards == 1 and tok_shards == 1 and not size_one_explicit):
         t, k = idx_TK.shape
         capacity = _capacity(capacity_factor, t, k, w_gate_EDF.shape[0])
         y_TD, counts_E, kept = _local(
