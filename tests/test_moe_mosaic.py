@@ -79,6 +79,8 @@ def test_shape_errors_name_the_dimension():
         moe_mosaic.down(tg, h, w[:, :, :320])
     assert moe_mosaic.fits("down", 2048, 512) and not moe_mosaic.fits("down", 320, 512)
     assert not moe_mosaic.fits("dx", 2048, 48)
+    with pytest.raises(ValueError, match="epi_n 48 must divide bn 128"):
+        moe_mosaic.Config(epi_n=48)
 
 
 @pytest.mark.parametrize("halves", [False, True])

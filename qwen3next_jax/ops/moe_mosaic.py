@@ -52,6 +52,12 @@ class Config:
     epi_n: int = 64
     delay: int = 1
 
+    def __post_init__(self):
+        if self.bn % self.epi_n or self.delay not in (0, 1):
+            raise ValueError(
+                f"moe_mosaic: epi_n {self.epi_n} must divide bn {self.bn}, delay be 0 or 1"
+            )
+
 
 # 32K tokens on an H200 (bench/mgpu_probe.py, session 10; two runs): down 1.20-1.26 ms with 5
 # stages and one wgmma group left in flight (4 stages 1.29-1.30, 3 1.60; none in flight 1.37);
@@ -130,11 +136,40 @@ def _ring_scope(cfg: Config, a_tile, b_tile, dt, out_dt):
         out_smem=plgpu.SMEM(
             (2, 2, EPI_M, cfg.epi_n), out_dt, transforms=smem_transforms(cfg.epi_n, out_dt)
         ),
-        # a stage is filled for one consumer (its own barriers: a stage's refill for the other
-        # consumer must not complete the waiting one's phase) by two TMA loads
+        # per consumer and stage (_claim_stage), filled by two TMA loads
         produced=plgpu.Barrier(num_arrivals=2, num_barriers=2 * cfg.stages),
         consumed=plgpu.Barrier(num_arrivals=1, num_barriers=cfg.stages),
         collective_axes="wg",
+    )
+
+
+def _claim_stage(produced, consumed, step, consumer, stages: int):
+    """The producer's claim of ring step `step` for consumer 0 / 1: its stage s = step % stages,
+    once that stage's previous contents are consumed (a stage's first fill waits for nobody),
+    and the barrier its loads arrive on (each consumer has its own: a refill for the other one
+    must not complete the waiting one's phase). Returns (s, barrier)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    s = step % stages
+    pl.when(step >= stages)(functools.partial(plgpu.barrier_wait, consumed.at[s]))
+    return s, produced.at[consumer * stages + s]
+
+
+def _persistent_kernel(body, out_type, nsm: int, interpret: bool):
+    """plgpu.kernel over one CTA per SM (`nsm` of them) of three warpgroups (two consumers, one
+    producer) with warpgroup lowering; Pallas's GPU interpret mode with `interpret`."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(nsm,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **({"interpret": _interpret_params()} if interpret else {}),
     )
 
 
@@ -180,8 +215,6 @@ def grouped_rows_matmul(
             raise ValueError(f"moe_mosaic: {name} = {dim} is not a multiple of {blk}")
     k_steps = k // cfg.bk
     total = p * k_steps  # contraction steps of one tile, over the p products
-    if cfg.bn % cfg.epi_n or cfg.delay not in (0, 1):
-        raise ValueError(f"moe_mosaic: epi_n {cfg.epi_n} must divide bn {cfg.bn}, delay be 0 or 1")
     n_iters = n // cfg.bn
     n_tiles = (r // TILE_M) * n_iters
     nsm = num_sms or (2 if interpret else _num_sms())
@@ -223,12 +256,7 @@ def grouped_rows_matmul(
                     def _():
                         for j in range(total):
                             q, kk = divmod(j, k_steps)
-                            s = (base + j) % stages
-                            # a stage's very first fill waits for nobody
-                            pl.when(base + j >= stages)(
-                                functools.partial(plgpu.barrier_wait, consumed.at[s])
-                            )
-                            bar = produced.at[(i % 2) * stages + s]
+                            s, bar = _claim_stage(produced, consumed, base + j, i % 2, stages)
                             ks, cols = pl.ds(kk * cfg.bk, cfg.bk), pl.ds(ni * cfg.bn, cfg.bn)
                             a_src = a_gmems[q].at[pl.ds(mi * TILE_M, TILE_M), ks]
                             b_src = b_gmems[q].at[e_safe]
@@ -290,16 +318,7 @@ def grouped_rows_matmul(
                 jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((r, n), dt),
-        grid=(nsm,),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **({"interpret": _interpret_params()} if interpret else {}),
-    )
+    kernel = _persistent_kernel(body, jax.ShapeDtypeStruct((r, n), dt), nsm, interpret)
     tg = tile_group_T.astype(jnp.int32)
     th = jnp.zeros_like(tg) if half_T is None else half_T.astype(jnp.int32)
     return kernel(tg, th, *a_list, *b_list)
@@ -416,8 +435,6 @@ def grouped_weight_grad(
     for name, dim, blk in (("A", a_cols, TILE_M), ("N", n, cfg.bn), ("rows", r, cfg.bk)):
         if dim % blk:
             raise ValueError(f"moe_mosaic: {name} = {dim} is not a multiple of {blk}")
-    if cfg.bn % cfg.epi_n or cfg.delay not in (0, 1):
-        raise ValueError(f"moe_mosaic: epi_n {cfg.epi_n} must divide bn {cfg.bn}, delay be 0 or 1")
     n_tiles = n // cfg.bn
     per_a = p * n_tiles  # units of one a-tile
     per_g = (a_cols // TILE_M) * per_a
@@ -450,11 +467,7 @@ def grouped_weight_grad(
                     _, ia, q, ni, blk0, steps = unit(i)
 
                     def step(j, carry):
-                        s = (base + j) % stages
-                        pl.when(base + j >= stages)(
-                            functools.partial(plgpu.barrier_wait, consumed.at[s])
-                        )
-                        bar = produced.at[(i % 2) * stages + s]
+                        s, bar = _claim_stage(produced, consumed, base + j, i % 2, stages)
                         blk = blk0 + j
                         a_src = a_gmem.at[blk, :, pl.ds(ia * TILE_M, TILE_M)]
                         plgpu.copy_gmem_to_smem(a_src, a_smem.at[s], bar)
@@ -525,16 +538,8 @@ def grouped_weight_grad(
                 jax.lax.fori_loop(0, n_local, loop, jnp.int32(0))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kernel = plgpu.kernel(
-        body,
-        out_type=[jax.ShapeDtypeStruct((g, a_cols, n), out_dt)] * p,
-        grid=(nsm,),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        **({"interpret": _interpret_params()} if interpret else {}),
-    )
+    out_type = [jax.ShapeDtypeStruct((g, a_cols, n), out_dt)] * p
+    kernel = _persistent_kernel(body, out_type, nsm, interpret)
     first_G = (row0_G // cfg.bk).astype(jnp.int32)
     steps_G = jnp.maximum((row1_G - row0_G + cfg.bk - 1) // cfg.bk, 0).astype(jnp.int32)
     blocks = [x.reshape(r // cfg.bk, cfg.bk, x.shape[1]) for x in (a_RA, *b_list)]

@@ -336,11 +336,11 @@ COPY_COLS = 256
 def _copy_rows(tg_ref, th_ref, i, tok_ref, a_ref, rows_ref):
     """rows_ref [bm, A] = a[tok] for row block i's used rows (its first half in a half tile;
     nothing in an unused tile): the gathered rows that the Mosaic weight gradients read."""
-    e, half = tg_ref[i], th_ref[i]
     bm, a = rows_ref.shape
     bc = _block(a, COPY_COLS)
 
-    def copy(n):
+    def copy(e, n):
+        del e
         rows = pl.ds(0, n)
         tok = tok_ref[rows]
 
@@ -351,8 +351,7 @@ def _copy_rows(tg_ref, th_ref, i, tok_ref, a_ref, rows_ref):
 
         jax.lax.fori_loop(0, a // bc, body, 0)
 
-    pl.when((e >= 0) & (half == 0))(lambda: copy(bm))
-    pl.when((e >= 0) & (half != 0))(lambda: copy(bm // 2))
+    _by_tile(tg_ref, th_ref, i, bm, copy, lambda rows: None)
 
 
 def _with_rows_out(kernel, n_col):
