@@ -2,6 +2,7 @@
 
     python3 bench/kernel_profile.py moe --tokens 32768 --backend pallas_fused --router pallas
     python3 bench/kernel_profile.py delta_rule --shape 1x32768 [--tuning '{"bv_seq": 64}']
+    python3 bench/kernel_profile.py train_step [--layers 4 --experts 128 --mtp 0 --batch 8]
     python3 bench/kernel_profile.py moe --set moe_pallas.TGMM_ROWS=128   # a module constant
     python3 bench/kernel_profile.py moe --set 'moe_mosaic.DX={"stages": 5}'  # a config's fields
 
@@ -66,7 +67,25 @@ def delta_rule_step(args):
     return (f, (q, k, v, g, beta)) if args.fwd else (fb, (q, k, v, g, beta, do))
 
 
-WORKLOADS = {"moe": moe_step, "delta_rule": delta_rule_step}
+def train_step_step(args):
+    """The model's loss and gradients (trainer.grads_step, no optimizer update: the train step
+    donates its state) on bench/train_step.py's cut-down 80B-A3B model and synthetic batch."""
+    import jax
+    import train_step as tb  # bench/train_step.py
+
+    from qwen3next_jax import sharding
+    from qwen3next_jax.training import train_step
+
+    if args.dry:
+        args.batch, args.seq = 2, 64
+    config = tb.make_config(args, args.mtp)
+    trainer = train_step.build(config, sharding.mesh_from_config(config, jax.devices()[:1]))
+    params = trainer.init()["params"]
+    batch = tb.synthetic_batch(trainer, args.batch, args.seq, trainer.model_cfg.vocab_size)
+    return trainer.grads_step, (params, batch)
+
+
+WORKLOADS = {"moe": moe_step, "delta_rule": delta_rule_step, "train_step": train_step_step}
 
 
 def apply_overrides(items):
@@ -200,11 +219,16 @@ def main():
         "--timeline", action="store_true", help="print the last traced step's kernels in order"
     )
     ap.add_argument("--dump", default="", help="directory for XLA's dump (HLO text)")
-    ap.add_argument("--dry", action="store_true", help="moe: tiny shapes (any platform)")
+    ap.add_argument("--dry", action="store_true", help="moe, train_step: tiny shapes (any platform)")
     ap.add_argument("--tokens", type=int, default=32768, help="moe: tokens")
     ap.add_argument("--backend", default="pallas_fused", help="moe: routed-experts backend")
     ap.add_argument("--router", default="pallas", help="moe: router_topk impl")
     ap.add_argument("--shape", default="1x32768", help="delta_rule: BxT")
+    ap.add_argument("--layers", type=int, default=4, help="train_step: decoder layers")
+    ap.add_argument("--experts", type=int, default=128, help="train_step: routed experts")
+    ap.add_argument("--mtp", type=int, default=0, help="train_step: MTP depths")
+    ap.add_argument("--batch", type=int, default=8, help="train_step: sequences")
+    ap.add_argument("--seq", type=int, default=4096, help="train_step: sequence length")
     ap.add_argument("--impl", default="pallas", help="delta_rule: bench impl name")
     ap.add_argument("--tuning", default="", help="delta_rule: JSON dict of _Cfg options")
     ap.add_argument(

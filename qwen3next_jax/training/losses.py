@@ -18,8 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qwen3next_jax.ops.linear import einsum_f32
-
+F32 = jnp.float32
 LOSS_DEFAULTS: dict[str, Any] = {
     "mtp_weight": 0.1,
     "lb_coef": 1e-3,
@@ -62,11 +61,15 @@ def chunked_cross_entropy(
 
     The sequence is cut into chunks of c = max(1, chunk_tokens // B) positions (so a chunk holds
     about chunk_tokens tokens of the batch given, all rows at once: the batch axis, the one that is
-    data-sharded, is never the scanned one). A lax.scan runs one chunk at a time: logits in
-    ``dtype`` with float32 accumulation (as Qwen3Next.logits), then the float32 NLL sum. The chunk
-    body is under jax.checkpoint saving nothing, so the backward recomputes each chunk's logits
-    instead of storing [T/c, B, c, V] float32 residuals. ``w_DV`` is cast inside the body, so its
-    gradient is accumulated over chunks in w's own dtype (float32 master weights).
+    data-sharded, is never the scanned one). A lax.scan runs one chunk at a time: logits in float32
+    from ``dtype`` operands (as Qwen3Next.logits), then the float32 NLL sum.
+
+    Differentiated, the forward scan also forms each chunk's logit gradient softmax - onehot
+    (masked, cast to ``dtype``) and its two products, dh in ``dtype`` and dW accumulated over
+    chunks in float32; the backward only scales them by the loss's cotangent. So the logits are
+    computed once (a recomputing backward computes them twice: one LM-head product in four) and
+    nothing of size [T, V] outlives its chunk. The gradients match plain autodiff of
+    ``cross_entropy`` with ``dtype`` operands (tests/test_losses.py).
     """
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens={chunk_tokens} must be positive.")
@@ -80,21 +83,59 @@ def chunked_cross_entropy(
         targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
         mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
     # [B, n*c, ...] -> [n, B, c, ...]: the scanned chunk axis leads.
-    h_nBcD = h_BTD.reshape(B, n, c, D).swapaxes(0, 1)
-    tgt_nBc = targets_BT.reshape(B, n, c).swapaxes(0, 1)
+    h_nBcD = h_BTD.astype(dtype).reshape(B, n, c, D).swapaxes(0, 1)
+    tgt_nBc = targets_BT.astype(jnp.int32).reshape(B, n, c).swapaxes(0, 1)
     mask_nBc = mask_BT.reshape(B, n, c).swapaxes(0, 1)
+    loss_sum = _chunked_nll(h_nBcD, w_DV, tgt_nBc, mask_nBc)
+    return loss_sum, jnp.sum(mask_BT, dtype=jnp.float32)
 
-    def chunk_loss(w, h_BcD, tgt_Bc, mask_Bc):
-        logits_BcV = einsum_f32("bcd,dv->bcv", h_BcD.astype(dtype), w)
-        return _nll_sum(logits_BcV, tgt_Bc, mask_Bc)
 
-    chunk_loss = jax.checkpoint(chunk_loss, policy=jax.checkpoint_policies.nothing_saveable)
+def _chunk_logits(h_BcD, w_DV):
+    return jnp.einsum("bcd,dv->bcv", h_BcD, w_DV.astype(h_BcD.dtype), preferred_element_type=F32)
+
+
+@jax.custom_vjp
+def _chunked_nll(h_nBcD, w_DV, tgt_nBc, mask_nBc):
+    """Σ over chunks of _nll_sum(h_chunk @ w, ...); h in the compute dtype, w in its own."""
+    w_c = w_DV.astype(h_nBcD.dtype)
 
     def body(acc, xs):
-        return acc + chunk_loss(w_DV, *xs), None
+        h_BcD, tgt_Bc, mask_Bc = xs
+        return acc + _nll_sum(_chunk_logits(h_BcD, w_c), tgt_Bc, mask_Bc), None
 
-    loss_sum, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_nBcD, tgt_nBc, mask_nBc))
-    return loss_sum, jnp.sum(mask_BT, dtype=jnp.float32)
+    loss, _ = jax.lax.scan(body, jnp.zeros((), F32), (h_nBcD, tgt_nBc, mask_nBc))
+    return loss
+
+
+def _chunked_nll_fwd(h_nBcD, w_DV, tgt_nBc, mask_nBc):
+    w_c = w_DV.astype(h_nBcD.dtype)
+
+    def body(carry, xs):
+        acc, dw_DV = carry
+        h_BcD, tgt_Bc, mask_Bc = xs
+        logits_BcV = _chunk_logits(h_BcD, w_c)
+        lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
+        tgt_logit_Bc = jnp.take_along_axis(logits_BcV, tgt_Bc[..., None], axis=-1)[..., 0]
+        acc = acc + jnp.sum(jnp.where(mask_Bc, lse_Bc - tgt_logit_Bc, 0.0))
+        p_BcV = jnp.exp(logits_BcV - lse_Bc[..., None])
+        hit_BcV = jax.lax.broadcasted_iota(jnp.int32, p_BcV.shape, 2) == tgt_Bc[..., None]
+        d_BcV = jnp.where(mask_Bc[..., None], p_BcV - hit_BcV, 0.0).astype(w_c.dtype)
+        dh_BcD = jnp.einsum("bcv,dv->bcd", d_BcV, w_c, preferred_element_type=w_c.dtype)
+        dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BcD, d_BcV, preferred_element_type=F32)
+        return (acc, dw_DV), dh_BcD
+
+    init = (jnp.zeros((), F32), jnp.zeros(w_DV.shape, F32))
+    (loss, dw_DV), dh_nBcD = jax.lax.scan(body, init, (h_nBcD, tgt_nBc, mask_nBc))
+    return loss, (dh_nBcD.astype(h_nBcD.dtype), dw_DV.astype(w_DV.dtype))
+
+
+def _chunked_nll_bwd(res, g):
+    dh_nBcD, dw_DV = res
+    # Integer targets and the boolean mask take no cotangent (None = zero).
+    return (g * dh_nBcD).astype(dh_nBcD.dtype), (g * dw_DV).astype(dw_DV.dtype), None, None
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 # ----------------------------------------------------------------------------------------- MTP
