@@ -219,7 +219,9 @@ def main():
         "--timeline", action="store_true", help="print the last traced step's kernels in order"
     )
     ap.add_argument("--dump", default="", help="directory for XLA's dump (HLO text)")
-    ap.add_argument("--dry", action="store_true", help="moe, train_step: tiny shapes (any platform)")
+    ap.add_argument(
+        "--dry", action="store_true", help="moe, train_step: tiny shapes (any platform)"
+    )
     ap.add_argument("--tokens", type=int, default=32768, help="moe: tokens")
     ap.add_argument("--backend", default="pallas_fused", help="moe: routed-experts backend")
     ap.add_argument("--router", default="pallas", help="moe: router_topk impl")

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -104,29 +103,16 @@ def hf_main(tokens_list, steps, experts_impl):
             out[str(t)] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         del x, cot
         torch.cuda.empty_cache()
-    print("HF_JSON " + json.dumps(out), flush=True)
+    import hf_child  # bench/ is on sys.path
+
+    hf_child.emit(out)
 
 
 def run_hf(tokens_list, steps, experts_impl):
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--hf-child",
-        "--hf-experts",
-        experts_impl,
-        "--steps",
-        str(steps),
-        "--tokens",
-        *map(str, tokens_list),
-    ]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except Exception as e:  # noqa: BLE001
-        return {"error": repr(e)}
-    for line in res.stdout.splitlines():
-        if line.startswith("HF_JSON "):
-            return json.loads(line[len("HF_JSON ") :])
-    return {"error": (res.stderr or res.stdout)[-600:]}
+    import hf_child  # bench/ is on sys.path
+
+    argv = ["--hf-child", "--hf-experts", experts_impl, "--steps", str(steps), "--tokens"]
+    return hf_child.run(os.path.abspath(__file__), argv + [str(t) for t in tokens_list], 600)
 
 
 # --------------------------------------------------------------------------- JAX side

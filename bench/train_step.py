@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -110,7 +109,9 @@ def hf_main(args):
         out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     except Exception as e:  # noqa: BLE001 - report it: the JAX side still runs
         out["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    print("HF_JSON " + json.dumps(out), flush=True)
+    import hf_child  # bench/ is on sys.path
+
+    hf_child.emit(out)
 
 
 def _has_fla() -> bool:
@@ -123,17 +124,11 @@ def _has_fla() -> bool:
 
 
 def run_hf(args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--hf-child"]
-    cmd += ["--layers", str(args.layers), "--experts", str(args.experts)]
-    cmd += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except Exception as e:  # noqa: BLE001
-        return {"error": repr(e)}
-    for line in res.stdout.splitlines():
-        if line.startswith("HF_JSON "):
-            return json.loads(line[len("HF_JSON ") :])
-    return {"error": (res.stderr or res.stdout)[-600:]}
+    import hf_child  # bench/ is on sys.path
+
+    argv = ["--hf-child", "--layers", str(args.layers), "--experts", str(args.experts)]
+    argv += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    return hf_child.run(os.path.abspath(__file__), argv)
 
 
 # --------------------------------------------------------------------------- JAX side

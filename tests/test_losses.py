@@ -47,14 +47,20 @@ def _plain(h, w, t, m, dtype=jnp.float32):
     return s / c
 
 
-@pytest.mark.parametrize("chunk_tokens", [16, 1, 10_000])
-def test_chunked_equals_plain_values_and_grads(chunk_tokens):
-    rng = np.random.default_rng(1)
-    B, T, D, V = 2, 37, 16, 50  # T not a multiple of the chunk: exercises the padding
+def _ce_inputs(seed, B, T, D, V, drop):
+    """h [B,T,D], w [D,V] float32, targets and a loss mask with about `drop` of it 0."""
+    rng = np.random.default_rng(seed)
     h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(D, V)) / 4, jnp.float32)
     t = jnp.asarray(rng.integers(0, V, size=(B, T)), jnp.int32)
-    m = jnp.asarray(rng.random((B, T)) > 0.2, jnp.int32)
+    m = jnp.asarray(rng.random((B, T)) > drop, jnp.int32)
+    return h, w, t, m
+
+
+@pytest.mark.parametrize("chunk_tokens", [16, 1, 10_000])
+def test_chunked_equals_plain_values_and_grads(chunk_tokens):
+    B, T, D, V = 2, 37, 16, 50  # T not a multiple of the chunk: exercises the padding
+    h, w, t, m = _ce_inputs(1, B, T, D, V, 0.2)
 
     def chunked(h, w):
         s, c = losses.chunked_cross_entropy(
@@ -82,12 +88,8 @@ def test_chunked_bf16_matches_plain_bf16():
 def test_chunked_bf16_gradients_match_plain_bf16():
     """The forward-formed gradients (logit gradient rounded to bf16 before its two products) stay
     within bf16 rounding of plain autodiff, whose logit cotangent stays float32."""
-    rng = np.random.default_rng(3)
     B, T, D, V = 2, 48, 32, 96
-    h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(D, V)) / 4, jnp.float32)
-    t = jnp.asarray(rng.integers(0, V, size=(B, T)), jnp.int32)
-    m = jnp.asarray(rng.random((B, T)) > 0.3, jnp.int32)
+    h, w, t, m = _ce_inputs(3, B, T, D, V, 0.3)
 
     def chunked(h, w):
         s, c = losses.chunked_cross_entropy(h, w, t, m, chunk_tokens=32, dtype=jnp.bfloat16)
@@ -109,12 +111,8 @@ def test_chunked_sharded_equals_unsharded():
 
     from qwen3next_jax import sharding
 
-    rng = np.random.default_rng(4)
     B, T, D, V = 4, 24, 16, 64
-    h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(D, V)) / 4, jnp.float32)
-    t = jnp.asarray(rng.integers(0, V, size=(B, T)), jnp.int32)
-    m = jnp.asarray(rng.random((B, T)) > 0.2, jnp.int32)
+    h, w, t, m = _ce_inputs(4, B, T, D, V, 0.2)
 
     def loss(h, w, t, m):
         s, c = losses.chunked_cross_entropy(h, w, t, m, chunk_tokens=32, dtype=jnp.float32)
