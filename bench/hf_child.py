@@ -2,6 +2,7 @@
 separate GPU allocators: the child prints one tagged JSON line, the parent reads it back."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -26,3 +27,21 @@ def run(script: str, argv: list[str], timeout: float = 900) -> dict:
         if line.startswith(TAG):
             return json.loads(line[len(TAG) :])
     return {"error": (res.stderr or res.stdout)[-600:]}
+
+
+def cuda_median_ms(fn, steps: int, warmup: int = 2) -> float:
+    """In the child: median milliseconds of fn() between CUDA events, a sync after each call."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts)

@@ -70,19 +70,10 @@ def hf_main(tokens_list, steps, experts_impl):
             p.normal_(0.0, 0.02)
     out = {"experts_implementation": str(getattr(cfg, "_experts_implementation", None))}
 
+    import hf_child  # bench/ is on sys.path
+
     def timed(fn):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(steps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        return statistics.median(ts)
+        return hf_child.cuda_median_ms(fn, steps, warmup=3)
 
     for t in tokens_list:
         x = torch.randn(1, t, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -103,8 +94,6 @@ def hf_main(tokens_list, steps, experts_impl):
             out[str(t)] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         del x, cot
         torch.cuda.empty_cache()
-    import hf_child  # bench/ is on sys.path
-
     hf_child.emit(out)
 
 

@@ -89,19 +89,10 @@ def hf_main(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    import hf_child  # bench/ is on sys.path
+
     def timed(fn):
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(args.steps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        return statistics.median(ts)
+        return hf_child.cuda_median_ms(fn, args.steps, warmup=2)
 
     try:
         out["step"] = timed(step)
@@ -109,8 +100,6 @@ def hf_main(args):
         out["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     except Exception as e:  # noqa: BLE001 - report it: the JAX side still runs
         out["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    import hf_child  # bench/ is on sys.path
-
     hf_child.emit(out)
 
 
