@@ -9,7 +9,7 @@ with FSDP. Checked by ahead-of-time compiles (`--aot_topology`, README "Running 
   (default)  expert 8, fsdp the rest, 1 micro-batch: v5p:8x8x8 27.5 GiB of 95 GiB per chip.
   :v6e       expert 4, fsdp the rest, global batch 256 (1M tokens) in one micro-batch (no
              gradient accumulator), cross-entropy in 1024-token chunks, for 32 GiB chips:
-             v6e:16x16 24.46 GiB of 32 GiB per chip.
+             v6e:16x16 24.43 GiB of 32 GiB per chip.
 """
 
 from configs import common
