@@ -1,4 +1,5 @@
-"""Training losses: next-token CE (plain or vocab-chunked), MTP CE, MoE load balancing, z-loss.
+"""Training losses: next-token CE (from logits, or over token chunks from the hidden states), MTP
+CE, MoE load balancing, router z-loss.
 
 Normalisation and gradient accumulation. Every loss here is a ratio sum / count. With one
 micro-batch the counts are the batch's own. When a global batch is split into M micro-batches,
