@@ -183,6 +183,33 @@ def _await_last_consumption(consumed, steps, stages: int):
         pl.when(steps > s)(functools.partial(plgpu.barrier_wait, consumed.at[s]))
 
 
+def _consume_stage(produced, consumed, consumer, step, j, stages: int, delay: int, issue):
+    """A consumer's ring step `step` (the j-th of its unit; j static or traced): wait for the
+    stage's loads, issue(s) its wgmma, keep `delay` wgmma groups in flight, and hand the stage
+    whose wgmma has finished back to the producer (the wait in _claim_stage)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    s = step % stages
+    plgpu.barrier_wait(produced.at[consumer * stages + s])
+    issue(s)
+    plgpu.wgmma_wait(delay)
+    pl.when(j >= delay)(
+        functools.partial(plgpu.barrier_arrive, consumed.at[(step - delay) % stages])
+    )
+
+
+def _release_unit_end(consumed, end, steps, stages: int, delay: int):
+    """After a unit's `steps` steps (ring steps up to `end`, exclusive): the wgmma group still in
+    flight finishes and its stage goes back to the producer."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if delay:
+        plgpu.wgmma_wait(0)
+        pl.when(steps > 0)(functools.partial(plgpu.barrier_arrive, consumed.at[(end - 1) % stages]))
+
+
 def grouped_rows_matmul(
     tile_group_T,
     a_list,
@@ -274,9 +301,7 @@ def grouped_rows_matmul(
                 plgpu.set_max_registers(232, action="increase")
 
                 def mma(acc_ref, base, half):
-                    for j in range(total):
-                        s = (base + j) % stages
-                        plgpu.barrier_wait(produced.at[wg * stages + s])
+                    def issue(s):
                         a, b = a_smem.at[s], b_smem.at[s]
                         if transpose_b:
                             b = plgpu.transpose_ref(b, (1, 0))
@@ -289,12 +314,12 @@ def grouped_rows_matmul(
                                     plgpu.wgmma, acc_ref.at[: TILE_M // 2], a.at[: TILE_M // 2], b
                                 )
                             )
-                        plgpu.wgmma_wait(cfg.delay)
-                        if j >= cfg.delay:  # the stage whose wgmma has finished
-                            plgpu.barrier_arrive(consumed.at[(base + j - cfg.delay) % stages])
-                    if cfg.delay:
-                        plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(consumed.at[(base + total - 1) % stages])
+
+                    for j in range(total):
+                        _consume_stage(
+                            produced, consumed, wg, base + j, j, stages, cfg.delay, issue
+                        )
+                    _release_unit_end(consumed, base + total, total, stages, cfg.delay)
                     return acc_ref[...]
 
                 def loop(i, base):
@@ -489,27 +514,17 @@ def grouped_weight_grad(
                 plgpu.set_max_registers(232, action="increase")
 
                 def mma(acc_ref, base, steps):
-                    def step(j, carry):
-                        s = (base + j) % stages
-                        plgpu.barrier_wait(produced.at[wg * stages + s])
+                    def issue(s):
                         plgpu.wgmma(acc_ref, _lhs_transposed(a_smem.at[s]), b_smem.at[s])
-                        plgpu.wgmma_wait(cfg.delay)
-                        # the stage whose wgmma has finished goes back to the producer
-                        pl.when(j >= cfg.delay)(
-                            functools.partial(
-                                plgpu.barrier_arrive, consumed.at[(base + j - cfg.delay) % stages]
-                            )
+
+                    def step(j, carry):
+                        _consume_stage(
+                            produced, consumed, wg, base + j, j, stages, cfg.delay, issue
                         )
                         return carry
 
                     jax.lax.fori_loop(0, steps, step, None)
-                    if cfg.delay:
-                        plgpu.wgmma_wait(0)
-                        pl.when(steps > 0)(
-                            functools.partial(
-                                plgpu.barrier_arrive, consumed.at[(base + steps - 1) % stages]
-                            )
-                        )
+                    _release_unit_end(consumed, base + steps, steps, stages, cfg.delay)
                     return acc_ref[...]
 
                 def loop(i, base):
