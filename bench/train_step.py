@@ -29,16 +29,17 @@ to $OUT/train_step_bench.md (default ./out).
 """
 
 import argparse
+import functools
 import json
 import os
-import statistics
 import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch runs first, same host
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-MATMUL_N = 8192
+import hf_child  # noqa: E402 - bench/ (this script's folder) is on sys.path
+import moe as mb  # noqa: E402 - bench/moe.py: its timing and matmul-rate helpers
 
 
 def make_config(args, mtp: int):
@@ -89,8 +90,6 @@ def hf_main(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    import hf_child  # bench/ is on sys.path
-
     def timed(fn):
         return hf_child.cuda_median_ms(fn, args.steps, warmup=2)
 
@@ -113,30 +112,12 @@ def _has_fla() -> bool:
 
 
 def run_hf(args):
-    import hf_child  # bench/ is on sys.path
-
     argv = ["--hf-child", "--layers", str(args.layers), "--experts", str(args.experts)]
     argv += ["--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
     return hf_child.run(os.path.abspath(__file__), argv)
 
 
 # --------------------------------------------------------------------------- JAX side
-def matmul_rate(steps: int) -> float:
-    """bf16 TFLOP/s of one MATMUL_N^3 product, median of `steps` timed calls."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((MATMUL_N, MATMUL_N), jnp.bfloat16)
-    f = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(f(a))
-    ts = []
-    for _ in range(max(steps, 5)):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        ts.append(time.perf_counter() - t)
-    return 2 * MATMUL_N**3 / statistics.median(ts) / 1e12
-
-
 def synthetic_batch(trainer, batch: int, seq: int, vocab: int):
     """Uniform random tokens, one document a row (the shapes and dtypes of pipeline's batches)."""
     import jax
@@ -182,12 +163,14 @@ def bench_jax(args, mtp: int) -> dict:
         "train_flops_per_token": metrics.flops_per_token(mcfg, args.seq)["train"],
     }
 
+    # moe.time_ms times after its own first call (here a warm one) and one more warm-up
+    timed = functools.partial(mb.time_ms, steps=args.steps, warmup=1, inner=args.inner)
     if not args.no_fwd_bwd:
         params = state["params"]  # donated by the first train_step below: grads_step runs first
         t0 = time.perf_counter()
         jax.block_until_ready(trainer.grads_step(params, batch))
         row["fwd+bwd_compile_s"] = time.perf_counter() - t0
-        row["fwd+bwd"] = _median_ms(lambda: trainer.grads_step(params, batch), args)
+        row["fwd+bwd"] = timed(trainer.grads_step, (params, batch))
 
     t0 = time.perf_counter()
     state, m = trainer.train_step(state, batch)
@@ -195,47 +178,23 @@ def bench_jax(args, mtp: int) -> dict:
     row["step_compile_s"] = time.perf_counter() - t0
     row["loss_first"] = float(m["loss"])
 
-    def steps_batch():
+    def one_step():  # the state is donated: each call trains on from the last one's
         nonlocal state
-        for _ in range(args.inner):
-            state, _ = trainer.train_step(state, batch)
+        state, _ = trainer.train_step(state, batch)
         return state["step"]
 
-    for _ in range(2):
-        jax.block_until_ready(steps_batch())
-    ts = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        jax.block_until_ready(steps_batch())
-        ts.append((time.perf_counter() - t) / args.inner)
-    row["step"] = statistics.median(ts) * 1e3
+    row["step"] = timed(one_step, ())
     _, m = trainer.train_step(state, batch)
     row["loss_last"] = float(m["loss"])
     row["peak_gb"] = peak_gb()
     return row
 
 
-def _median_ms(fn, args) -> float:
-    import jax
-
-    for _ in range(2):
-        jax.block_until_ready(fn())
-    ts = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        for _ in range(args.inner):
-            out = fn()
-        jax.block_until_ready(out)
-        del out
-        ts.append((time.perf_counter() - t) / args.inner)
-    return statistics.median(ts) * 1e3
-
-
 # --------------------------------------------------------------------------- report
 def table(args, rows, hf, mm_rate, peak_tflops):
     tokens = args.batch * args.seq
     lines = [
-        f"tokens per step {tokens} ({args.batch} x {args.seq}); bf16 matmul {MATMUL_N}^3 "
+        f"tokens per step {tokens} ({args.batch} x {args.seq}); bf16 matmul {mb.MATMUL_N}^3 "
         f"measured in this run: {mm_rate:.0f} TFLOP/s; datasheet peak "
         f"{peak_tflops or float('nan'):.0f} TFLOP/s",
         "",
@@ -300,8 +259,7 @@ def main():
     ap.add_argument("--hf-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.dry:
-        global MATMUL_N
-        MATMUL_N = 256
+        mb.MATMUL_N = 256
         args.batch, args.seq, args.steps, args.inner, args.no_hf = 2, 64, 1, 1, True
     if args.hf_child:
         return hf_main(args)
@@ -314,8 +272,8 @@ def main():
     from qwen3next_jax.training import metrics
 
     print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind}", flush=True)
-    mm_rate = matmul_rate(args.steps)
-    print(f"matmul {MATMUL_N}^3 bf16: {mm_rate:.0f} TFLOP/s", flush=True)
+    mm_rate = mb.matmul_tflops(args.steps)
+    print(f"matmul {mb.MATMUL_N}^3 bf16: {mm_rate:.0f} TFLOP/s", flush=True)
     rows = []
     for mtp in args.mtp:
         try:
