@@ -33,12 +33,17 @@ def _cfg(cfg, name: str):
 
 
 # ------------------------------------------------------------------------------- cross entropy
-def _nll_sum(logits_NV: jax.Array, targets_N: jax.Array, mask_N: jax.Array) -> jax.Array:
-    """Σ mask·(logsumexp(logits) - logits[target]) in float32."""
+def _lse_and_nll_sum(logits_NV, targets_N, mask_N) -> tuple[jax.Array, jax.Array]:
+    """(logsumexp(logits) [N], Σ mask·(logsumexp(logits) - logits[target])), in float32."""
     logits_NV = logits_NV.astype(jnp.float32)
     lse_N = jax.nn.logsumexp(logits_NV, axis=-1)
     tgt_N = jnp.take_along_axis(logits_NV, targets_N[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.sum(jnp.where(mask_N, lse_N - tgt_N, 0.0))
+    return lse_N, jnp.sum(jnp.where(mask_N, lse_N - tgt_N, 0.0))
+
+
+def _nll_sum(logits_NV: jax.Array, targets_N: jax.Array, mask_N: jax.Array) -> jax.Array:
+    """Σ mask·(logsumexp(logits) - logits[target]) in float32."""
+    return _lse_and_nll_sum(logits_NV, targets_N, mask_N)[1]
 
 
 def cross_entropy(
@@ -115,9 +120,8 @@ def _chunked_nll_fwd(h_nBcD, w_DV, tgt_nBc, mask_nBc):
         acc, dw_DV = carry
         h_BcD, tgt_Bc, mask_Bc = xs
         logits_BcV = _chunk_logits(h_BcD, w_c)
-        lse_Bc = jax.nn.logsumexp(logits_BcV, axis=-1)
-        tgt_logit_Bc = jnp.take_along_axis(logits_BcV, tgt_Bc[..., None], axis=-1)[..., 0]
-        acc = acc + jnp.sum(jnp.where(mask_Bc, lse_Bc - tgt_logit_Bc, 0.0))
+        lse_Bc, nll = _lse_and_nll_sum(logits_BcV, tgt_Bc, mask_Bc)
+        acc = acc + nll
         p_BcV = jnp.exp(logits_BcV - lse_Bc[..., None])
         hit_BcV = jax.lax.broadcasted_iota(jnp.int32, p_BcV.shape, 2) == tgt_Bc[..., None]
         d_BcV = jnp.where(mask_Bc[..., None], p_BcV - hit_BcV, 0.0).astype(w_c.dtype)
